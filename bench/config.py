@@ -1,0 +1,193 @@
+"""The typed run configuration: one schema, documented where it is defined.
+
+A run's config is this schema, merged with YAML files and `key=value` overrides (omegaconf
+dotlist). Unknown keys and wrong types are rejected with the file, the key and a suggestion.
+The resolved config is saved with every run's results.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from implementations.core.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with where it came from and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = (
+        None  # MNIST IDX folder; None: $AIR_DATA_DIR, ../shared/data/mnist, cache
+    )
+    cache_dir: str | None = None  # generated multi-MNIST cache; None: $AIR_CACHE_DIR or .cache/
+    seed: int = 0  # data seed: fixed per experiment, so every variant and seed sees the same data
+    train_counts: list[int] = field(default_factory=lambda: [0, 1, 2])  # digit counts in training
+    test_counts: list[int] = field(default_factory=lambda: [0, 1, 2])  # digit counts at test time
+    n_train: int = 60000  # training images
+    n_test: int = 10000  # held-out test images (built from MNIST test digits only)
+    rescale: bool = True  # rescale digits by 1/s, s ~ N(1.3, 0.1^2), as the Pyro example does
+
+
+@dataclass
+class PriorConfig:
+    kind: str = "fixed"  # "fixed" or "annealed" success probability of the geometric prior
+    fixed: float = 0.01  # used when kind == "fixed" (PyTorch and Pyro AIR settings)
+    start: float = 0.99  # annealed: value at iteration 0
+    end: float = 1e-5  # annealed: value from `anneal_iters` on
+    anneal_iters: int = 100000  # annealed: length of the log-linear schedule
+
+
+@dataclass
+class EstimatorConfig:
+    name: str = "nvil"  # a registered estimator (implementations/core/estimators.py or a variant)
+    params: dict[str, Any] = field(default_factory=dict)  # the estimator's own options
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 50000  # optimisation steps
+    batch_size: int = 64
+    lr: float = 1e-4  # Adam learning rate of the model (estimators may add their own groups)
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    eval_every: int = 1000  # evaluate on held-out images every this many iterations
+    eval_images: int = 1000  # held-out images used by the periodic evaluations
+    log_every: int = 100  # training-loss log line every this many iterations
+    checkpoint_every: int = 1000  # checkpoint every this many iterations ...
+    checkpoint_minutes: float = 10.0  # ... or after this many minutes, whichever comes first
+    device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    progress: bool = True  # show a tqdm progress bar
+
+
+@dataclass
+class EvalConfig:
+    final_images: int = 10000  # held-out images for the final evaluation
+    iw_samples: int = 100  # K of the final importance-weighted bound
+    iw_images: int = 10000  # images used for the final importance-weighted bound
+    periodic_iw_samples: int = 0  # K for periodic evaluations (0: skip the bound there)
+    batch_size: int = 500  # images per evaluation batch (IW: images x K per forward pass)
+    converged_accuracy: float = 0.98  # count accuracy that counts as converged ...
+    converged_evals: int = 3  # ... sustained over this many last evaluations
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # training seed: initialisation, data order, sampling
+    out_dir: str = "results/single"  # where this run writes config, metrics, checkpoint, result
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError):
+        guess = difflib.get_close_matches(key, _all_keys(schema), n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{source}: bad value for {key!r}: {err.msg}")
+    return ConfigError(f"{source}: {err}")
+
+
+def load_config(
+    files: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Schema defaults, then each YAML file in order, then `key=value` overrides."""
+    schema = OmegaConf.structured(RunConfig)
+    merged = schema
+    for path in files or []:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml errors come in several types
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path), schema) from err
+    if overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, "command-line override", schema) from err
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks the schema cannot express (ranges, choices), with the key in the message."""
+    checks = [
+        (cfg.train.iterations >= 0, "train.iterations", "an integer >= 0"),
+        (cfg.train.batch_size > 0, "train.batch_size", "an integer > 0"),
+        (cfg.train.lr > 0, "train.lr", "a positive float"),
+        (cfg.train.eval_every > 0, "train.eval_every", "an integer > 0"),
+        (cfg.train.checkpoint_every > 0, "train.checkpoint_every", "an integer > 0"),
+        (cfg.prior.kind in ("fixed", "annealed"), "prior.kind", "'fixed' or 'annealed'"),
+        (0 < cfg.prior.fixed < 1, "prior.fixed", "a probability in (0, 1)"),
+        (0 < cfg.prior.start < 1 and 0 < cfg.prior.end < 1, "prior.start/end", "in (0, 1)"),
+        (cfg.model.likelihood in ("gaussian", "bernoulli"), "model.likelihood",
+         "'gaussian' or 'bernoulli'"),
+        (cfg.model.presence in ("bernoulli", "concrete"), "model.presence",
+         "'bernoulli' or 'concrete'"),
+        (cfg.model.max_steps >= 1, "model.max_steps", "an integer >= 1"),
+        (len(cfg.model.where_prior_loc) == 3, "model.where_prior_loc", "3 numbers (s, x, y)"),
+        (len(cfg.model.where_prior_scale) == 3, "model.where_prior_scale", "3 numbers"),
+        (max(cfg.data.train_counts + cfg.data.test_counts) <= cfg.model.max_steps,
+         "data.train_counts/test_counts", f"counts <= model.max_steps ({cfg.model.max_steps})"),
+        (cfg.eval.iw_samples >= 0, "eval.iw_samples", "an integer >= 0"),
+        (cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"), "train.device",
+         "'cpu' or 'cuda[:N]'"),
+    ]  # fmt: skip
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"config field {key}: expected {expected}")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("seed", "out_dir")) -> str:
+    """Short hash of everything that changes the numbers (not the seed or the output folder).
+
+    Device and progress settings are left in: a CUDA run is not bit-identical to a CPU one.
+    """
+    d = to_dict(cfg)
+    for key in ignore:
+        d.pop(key, None)
+    d["train"].pop("progress", None)
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]

@@ -1,0 +1,186 @@
+"""Gradient estimators: turn a model's sampled trace into a surrogate loss.
+
+An estimator is a small `nn.Module` (it may own networks, such as NVIL's baseline) with one job:
+`loss(model, x, prior_prob)` returns the scalar to minimise and a dict of floats to log. Its
+parameters get their own optimiser groups through `param_groups`, so that a baseline can be
+trained at its own learning rate (pyro issue 1374 was a run whose baseline silently was not).
+
+New estimators register themselves with `@register_estimator("name")`; variant folders do this
+from their own `estimator.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from implementations.core.model import AIR, ImageLSTM, Trace, mlp
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
+
+
+def register_estimator(name: str):
+    """Class decorator adding an estimator to the registry under `name`."""
+
+    def wrap(cls: type[Estimator]) -> type[Estimator]:
+        if name in ESTIMATORS and ESTIMATORS[name] is not cls:
+            raise ValueError(
+                f"estimator {name!r} is registered twice ({ESTIMATORS[name]} and {cls})"
+            )
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class EstimatorOutput:
+    loss: torch.Tensor  # scalar surrogate to minimise
+    trace: Trace  # the trace the loss came from (for logging and metrics)
+    logs: dict[str, float]  # scalars worth logging
+
+
+class Estimator(nn.Module):
+    """Base class. Subclasses set `Params` (a dataclass of their options) and `loss`."""
+
+    name: ClassVar[str] = "?"
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, model: AIR, params: Any) -> None:
+        super().__init__()
+        self.params = params
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any] | None) -> Any:
+        """Build `Params` from a plain dict, rejecting unknown keys with a clear message."""
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls.Params)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(
+                f"estimator.params: unknown key(s) {unknown} for estimator {cls.name!r}; "
+                f"expected some of {sorted(known)}"
+            )
+        return cls.Params(**raw)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser groups for the estimator's own parameters (none by default)."""
+        own = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": own, "lr": lr, "name": "estimator"}] if own else []
+
+    def loss(self, model: AIR, x: torch.Tensor, prior_prob: float) -> EstimatorOutput:
+        raise NotImplementedError
+
+
+def downstream_elbo(trace: Trace) -> torch.Tensor:
+    """(T, B) the part of the ELBO that step t's presence can influence.
+
+    Terms of earlier steps do not depend on z_pres_t, so they are left out of its learning
+    signal (they would only add variance): l_t = log p(x|z) - sum_{t' >= t} KL_t'.
+    """
+    kl = trace.kl()
+    later_kl = kl.flip(0).cumsum(0).flip(0)
+    return trace.log_lik[None, :] - later_kl
+
+
+def score_function_surrogate(
+    log_q: torch.Tensor, signal: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Surrogate whose gradient is the REINFORCE estimate E[signal * grad log q].
+
+    `signal` is detached here, so that only `log_q` carries gradient; returns a (B,) tensor.
+    """
+    return (signal.detach() * log_q * mask).sum(0)
+
+
+@register_estimator("nvil")
+class NVIL(Estimator):
+    """NVIL (Mnih & Gregor, 2014): REINFORCE for z_pres with a learned, data-dependent baseline.
+
+    The baseline is its own LSTM over the image and the previous step's latents (all detached),
+    predicting each step's downstream ELBO; it is fitted by squared error at its own learning
+    rate. Optionally the centred signal is normalised by running estimates of its mean and sd.
+    """
+
+    @dataclass
+    class Params:
+        baseline_lr: float = 0.1  # learning rate of the baseline network (addtt, Pyro: 1e-1)
+        baseline_hidden: int = 256  # units of the baseline LSTM
+        use_baseline: bool = True  # False: plain REINFORCE (for ablations)
+        normalise: bool = True  # NVIL's variance normalisation of the learning signal
+        signal_decay: float = 0.9  # decay of the running mean/var used by `normalise`
+
+    def __init__(self, model: AIR, params: Params) -> None:
+        super().__init__(model, params)
+        cfg = model.cfg
+        self.baseline_rnn = ImageLSTM(cfg.canvas**2, model.latent_dim, params.baseline_hidden)
+        self.baseline_out = mlp([params.baseline_hidden, 1])
+        self.register_buffer("signal_mean", torch.zeros(()))
+        self.register_buffer("signal_var", torch.ones(()))
+        self.register_buffer("signal_seen", torch.zeros((), dtype=torch.bool))
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        params = list(self.baseline_rnn.parameters()) + list(self.baseline_out.parameters())
+        return [{"params": params, "lr": self.params.baseline_lr, "name": "baseline"}]
+
+    def baseline(self, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """(T, B) baseline value of each step, from the image and the previous latents."""
+        batch, steps = x.shape[0], trace.z_pres.shape[0]
+        prev = torch.cat([trace.z_where, trace.z_what, trace.z_pres[..., None]], dim=-1).detach()
+        first = torch.cat([x.new_zeros(batch, prev.shape[-1] - 1), x.new_ones(batch, 1)], dim=1)
+        gates = self.baseline_rnn.project(x.reshape(batch, -1))
+        h = x.new_zeros(batch, self.params.baseline_hidden)
+        c = torch.zeros_like(h)
+        values = []
+        for t in range(steps):
+            h, c = self.baseline_rnn.step(gates, first if t == 0 else prev[t - 1], h, c)
+            values.append(self.baseline_out(h).squeeze(-1))
+        return torch.stack(values)
+
+    def loss(self, model: AIR, x: torch.Tensor, prior_prob: float) -> EstimatorOutput:
+        trace = model(x, prior_prob)
+        elbo = trace.elbo()
+        target = downstream_elbo(trace).detach()
+        mask = trace.ran
+        if self.params.use_baseline:
+            value = self.baseline(x, trace)
+            centred = target - value.detach()
+            baseline_loss = ((target - value) ** 2 * mask).sum(0).mean()
+        else:
+            centred, baseline_loss = target, torch.zeros((), device=x.device)
+        signal = self._normalise(centred, mask) if self.params.normalise else centred
+        surrogate = score_function_surrogate(trace.log_q_pres, signal, mask)
+        loss = -(elbo + surrogate).mean() + baseline_loss
+        logs = {
+            "elbo": elbo.mean().item(),
+            "baseline_mse": baseline_loss.item() / max(mask.sum(0).mean().item(), 1e-8),
+            "signal_sd": centred[mask > 0].std().item() if (mask > 0).sum() > 1 else 0.0,
+        }
+        return EstimatorOutput(loss=loss, trace=trace, logs=logs)
+
+    @torch.no_grad()
+    def _update_stats(self, centred: torch.Tensor, mask: torch.Tensor) -> None:
+        on = centred[mask > 0]
+        if on.numel() == 0:
+            return
+        mean, var = on.mean(), on.var(unbiased=False)
+        if not bool(self.signal_seen):
+            self.signal_mean.copy_(mean)
+            self.signal_var.copy_(var)
+            self.signal_seen.fill_(True)
+        else:
+            d = self.params.signal_decay
+            self.signal_mean.mul_(d).add_((1 - d) * mean)
+            self.signal_var.mul_(d).add_((1 - d) * var)
+
+    def _normalise(self, centred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._update_stats(centred, mask)
+        return (centred - self.signal_mean) / self.signal_var.sqrt().clamp_min(1.0)
