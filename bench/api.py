@@ -17,7 +17,7 @@ import torch
 from bench.config import ConfigError, RunConfig, load_config
 from bench.trainer import CheckpointError, load_checkpoint
 from implementations.core.model import AIR
-from implementations.core.priors import presence_prior_prob
+from implementations.core.priors import prior_prob_at
 
 
 @dataclass
@@ -40,8 +40,7 @@ class LoadedRun:
         """Counts, boxes, presence probabilities and reconstructions for images in [0, 1]."""
         x = _check_images(images, self.cfg.model.canvas)
         device = next(self.model.parameters()).device
-        p = self.cfg.prior
-        prior = presence_prior_prob(self.iteration, p.kind, p.fixed, p.start, p.end, p.anneal_iters)
+        prior = prior_prob_at(self.cfg.prior, self.iteration)
         counts, boxes, probs, recon = [], [], [], []
         for start in range(0, len(x), batch_size):
             trace = self.model(x[start : start + batch_size].to(device), prior, sample=False)

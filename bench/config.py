@@ -45,6 +45,7 @@ class PriorConfig:
     start: float = 0.99  # annealed: value at iteration 0
     end: float = 1e-5  # annealed: value from `anneal_iters` on
     anneal_iters: int = 100000  # annealed: length of the log-linear schedule
+    anneal_space: str = "prob"  # annealed: interpolate log(prob) or log(odds) ("prob"/"odds")
 
 
 @dataclass
@@ -114,33 +115,52 @@ def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> Co
 
 
 def load_config(
-    files: list[str | Path] | None = None, overrides: list[str] | None = None
+    files: list[str | Path | tuple[str, dict[str, Any]]] | None = None,
+    overrides: list[str] | None = None,
 ) -> RunConfig:
-    """Schema defaults, then each YAML file in order, then `key=value` overrides."""
+    """Schema defaults, then each layer in order, then `key=value` overrides.
+
+    A layer is a YAML file path, or a `(source, mapping)` pair for config that comes from
+    elsewhere (a variant folder, an experiment); `source` names it in error messages.
+    """
     schema = OmegaConf.structured(RunConfig)
     merged = schema
-    for path in files or []:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml errors come in several types
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for layer in files or []:
+        source, loaded = _read_layer(layer)
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
-            raise _explain(err, str(path), schema) from err
+            raise _explain(err, source, schema) from err
     if overrides:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as err:
             raise _explain(err, "command-line override", schema) from err
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _explain(err, "config", schema) from err
     validate(cfg)
     return cfg
+
+
+def _read_layer(layer: str | Path | tuple[str, dict[str, Any]]) -> tuple[str, DictConfig]:
+    if isinstance(layer, tuple):
+        source, mapping = layer
+        try:
+            return source, OmegaConf.create(mapping or {})
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: not a valid config mapping: {err}") from err
+    path = Path(layer)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in several types
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return str(path), loaded
 
 
 def validate(cfg: RunConfig) -> None:
@@ -153,6 +173,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.checkpoint_every > 0, "train.checkpoint_every", "an integer > 0"),
         (cfg.prior.kind in ("fixed", "annealed"), "prior.kind", "'fixed' or 'annealed'"),
         (0 < cfg.prior.fixed < 1, "prior.fixed", "a probability in (0, 1)"),
+        (cfg.prior.anneal_space in ("prob", "odds"), "prior.anneal_space", "'prob' or 'odds'"),
         (0 < cfg.prior.start < 1 and 0 < cfg.prior.end < 1, "prior.start/end", "in (0, 1)"),
         (cfg.model.likelihood in ("gaussian", "bernoulli"), "model.likelihood",
          "'gaussian' or 'bernoulli'"),

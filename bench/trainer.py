@@ -40,9 +40,10 @@ from bench.storage import (
     read_json_lines,
     write_json_lines,
 )
+from bench.variants import ensure_registered
 from implementations.core.estimators import Estimator
 from implementations.core.model import AIR
-from implementations.core.priors import presence_prior_prob
+from implementations.core.priors import prior_prob_at
 from implementations.registry import build_estimator
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def batch_indices(seed: int, iteration: int, n: int, batch_size: int) -> torch.T
 
 def build(cfg: RunConfig, device: torch.device) -> tuple[AIR, Estimator, torch.optim.Optimizer]:
     """Model, estimator and optimiser, initialised from the run seed."""
+    ensure_registered(cfg.estimator.name)
     seed_everything(cfg.seed)
     model = AIR(cfg.model).to(device)
     estimator = build_estimator(cfg.estimator, model).to(device)
@@ -218,8 +220,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def prior_prob(self, iteration: int) -> float:
-        p = self.cfg.prior
-        return presence_prior_prob(iteration, p.kind, p.fixed, p.start, p.end, p.anneal_iters)
+        return prior_prob_at(self.cfg.prior, iteration)
 
     def evaluate(self, n_images: int, iw_samples: int, iw_images: int | None = None) -> dict:
         test = self.data.test

@@ -42,7 +42,6 @@ TINY = [
     "model.encoder_hidden=32",
     "model.decoder_hidden=32",
     "model.z_what_dim=8",
-    "estimator.params.baseline_hidden=16",
 ]
 
 

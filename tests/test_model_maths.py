@@ -86,8 +86,13 @@ def test_model_terms_match_distributions() -> None:
     ran = trace.ran > 0
     ref = Bernoulli(probs=trace.pres_prob).log_prob(trace.z_pres)
     torch.testing.assert_close(trace.log_q_pres[ran], ref[ran], rtol=1e-4, atol=1e-5)
-    # The prior part of kl_pres, summed over steps, is the truncated geometric prior of the count.
-    log_p = (trace.log_q_pres - trace.kl_pres).sum(0)
+    # The analytic presence KL is the Bernoulli KL wherever the step ran.
+    prior = Bernoulli(probs=torch.full_like(trace.pres_prob, 0.2))
+    ref_kl = kl_divergence(Bernoulli(probs=trace.pres_prob), prior)
+    torch.testing.assert_close(trace.kl_pres[ran], ref_kl[ran], rtol=1e-4, atol=1e-5)
+    assert (trace.kl_pres[~ran] == 0).all()
+    # The sampled prior terms, summed over steps, are the truncated geometric prior of the count.
+    log_p = (trace.log_q_pres + trace.log_ratio_pres).sum(0)
     expected = geometric_count_log_prob(trace.counts(), 0.2, 3).float()
     torch.testing.assert_close(log_p, expected, rtol=1e-5, atol=1e-5)
 

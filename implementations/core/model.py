@@ -58,7 +58,8 @@ class Trace:
     z_where: torch.Tensor  # (T, B, 3)
     z_what: torch.Tensor  # (T, B, D)
     log_q_pres: torch.Tensor  # (T, B) log q of the sampled presence (score-function term)
-    kl_pres: torch.Tensor  # (T, B) log q - log p of the sampled presence
+    kl_pres: torch.Tensor  # (T, B) presence KL: analytic (Bernoulli) or sampled (Concrete)
+    log_ratio_pres: torch.Tensor  # (T, B) sampled log p - log q of the presence
     kl_where: torch.Tensor  # (T, B) analytic KL of z_where, for steps that are on
     kl_what: torch.Tensor  # (T, B) analytic KL of z_what, for steps that are on
     log_ratio_cont: torch.Tensor  # (T, B) sampled log p - log q of z_where and z_what
@@ -76,7 +77,7 @@ class Trace:
 
     def log_weight(self) -> torch.Tensor:
         """(B,) importance weight log p(x, z) - log q(z | x) with every latent sampled."""
-        return self.log_lik - self.kl_pres.sum(0) + self.log_ratio_cont.sum(0)
+        return self.log_lik + self.log_ratio_pres.sum(0) + self.log_ratio_cont.sum(0)
 
     def counts(self) -> torch.Tensor:
         """(B,) number of steps that were on (relaxed presence rounded at 0.5)."""
@@ -199,6 +200,7 @@ class AIR(nn.Module):
             if relaxed:
                 z_pres, log_q, log_p = self._concrete_presence(pres_logit, prior_prob, sample)
                 z_pres = z_pres * ran
+                kl_pres = log_q - log_p  # no closed form for Concrete: one-sample estimate
             else:
                 if sample:
                     z_pres = torch.bernoulli(torch.sigmoid(pres_logit).detach())
@@ -207,7 +209,13 @@ class AIR(nn.Module):
                 z_pres = z_pres * ran
                 log_q = z_pres * F.logsigmoid(pres_logit) + (1 - z_pres) * F.logsigmoid(-pres_logit)
                 log_p = z_pres * log_prior_on + (1 - z_pres) * log_prior_off
-            log_q, log_p = log_q * ran, log_p * ran
+                # Closed-form Bernoulli KL (as addtt's PyTorch AIR): same expectation as the
+                # sampled log q - log p, less variance.
+                q_on = torch.sigmoid(pres_logit)
+                kl_pres = q_on * (F.logsigmoid(pres_logit) - log_prior_on) + (1 - q_on) * (
+                    F.logsigmoid(-pres_logit) - log_prior_off
+                )
+            log_q, log_p, kl_pres = log_q * ran, log_p * ran, kl_pres * ran
 
             z_where = where_loc + where_scale * torch.randn_like(where_loc) if sample else where_loc
             glimpse = crop(seen, z_where, cfg.window).reshape(batch, -1)
@@ -236,7 +244,8 @@ class AIR(nn.Module):
             steps["z_where"].append(z_where)
             steps["z_what"].append(z_what)
             steps["log_q_pres"].append(log_q)
-            steps["kl_pres"].append(log_q - log_p)
+            steps["kl_pres"].append(kl_pres)
+            steps["log_ratio_pres"].append(log_p - log_q)
             steps["kl_where"].append(kl_where * on)
             steps["kl_what"].append(kl_what * on)
             steps["log_ratio_cont"].append(log_ratio * on)
@@ -308,6 +317,7 @@ _STEP_KEYS = (
     "z_what",
     "log_q_pres",
     "kl_pres",
+    "log_ratio_pres",
     "kl_where",
     "kl_what",
     "log_ratio_cont",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ def presence_prior_prob(
     start: float,
     end: float,
     anneal_iters: int,
+    space: str = "prob",
 ) -> float:
     """Success probability of the geometric presence prior at a training iteration.
 
@@ -25,8 +27,17 @@ def presence_prior_prob(
         return fixed
     if kind == "annealed":
         frac = min(max(iteration / max(anneal_iters, 1), 0.0), 1.0)
+        if space == "odds":
+            log_odds = (1 - frac) * _logit(start) + frac * _logit(end)
+            return 1.0 / (1.0 + math.exp(-log_odds))
+        if space != "prob":
+            raise ValueError(f"prior.anneal_space must be 'prob' or 'odds', got {space!r}")
         return math.exp((1 - frac) * math.log(start) + frac * math.log(end))
     raise ValueError(f"prior.kind must be 'fixed' or 'annealed', got {kind!r}")
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
 
 
 def geometric_count_log_prob(counts: torch.Tensor, prob: float, max_steps: int) -> torch.Tensor:
@@ -44,3 +55,11 @@ def geometric_count_log_prob(counts: torch.Tensor, prob: float, max_steps: int) 
         torch.zeros_like(counts),
     )
     return log_on + log_stop
+
+
+def prior_prob_at(prior: Any, iteration: int) -> float:
+    """`presence_prior_prob` for a `PriorConfig`-like object (bench.config.PriorConfig)."""
+    return presence_prior_prob(
+        iteration, prior.kind, prior.fixed, prior.start, prior.end, prior.anneal_iters,
+        prior.anneal_space,
+    )  # fmt: skip
