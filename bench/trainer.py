@@ -32,6 +32,7 @@ from bench.config import RunConfig, config_hash, to_yaml
 from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, load_or_generate
 from bench.evaluate import evaluate, to_float_images
 from bench.provenance import provenance
+from bench.runtime import keep_freed_memory
 from bench.storage import (
     append_json_line,
     atomic_torch_save,
@@ -175,6 +176,8 @@ class Trainer:
         self.device = _resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.hash = config_hash(cfg)
         self.data = data or load_datasets(cfg)
         self.model, self.estimator, self.optimiser = build(cfg, self.device)
@@ -183,6 +186,10 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all sessions of this run
         self.status: dict[str, Any] = {}
         self.running: dict[str, float] = {}  # sums of training logs since the last evaluation
+        self.start_iteration = 0  # where this session began (the checkpoint's iteration)
+        # Set from outside (a scheduler's timeout signal): checkpoint after this iteration and
+        # return a partial result, so a requeued job resumes exactly where this one stopped.
+        self.stop_requested = False
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -248,6 +255,7 @@ class Trainer:
         ckpt = load_checkpoint(self.run_dir, self.hash)
         if ckpt is not None:
             self.restore(ckpt)
+            self.start_iteration = self.iteration
             log.info("%s: resuming from iteration %d", self.run_dir, self.iteration)
         elif (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()  # a fresh start rewrites the history
@@ -289,11 +297,11 @@ class Trainer:
                 self.iteration += 1
                 self.elapsed += time.perf_counter() - t0
                 for k, v in {"loss": loss_value, **out.logs}.items():
-                    running[k] = running.get(k, 0.0) + v
+                    running[k] = running.get(k, 0.0) + float(v)
                 running["n"] = running.get("n", 0.0) + 1
                 bar.update(1)
                 if self.iteration % tc.log_every == 0:
-                    bar.set_postfix(elbo=f"{out.logs.get('elbo', float('nan')):.1f}")
+                    bar.set_postfix(elbo=f"{float(out.logs.get('elbo', float('nan'))):.1f}")
                 if self.iteration % tc.eval_every == 0 or self.iteration == tc.iterations:
                     self._record_evaluation(running)
                     running.clear()
@@ -301,6 +309,8 @@ class Trainer:
                 if self.iteration % tc.checkpoint_every == 0 or minutes >= tc.checkpoint_minutes:
                     self.save_checkpoint()
                     since_ckpt = time.monotonic()
+                if self.stop_requested:
+                    break  # the checkpoint below makes the stop lossless
         if self.iteration % tc.checkpoint_every != 0 or self.status.get("diverged_at"):
             self.save_checkpoint()
 

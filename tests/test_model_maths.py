@@ -196,3 +196,22 @@ def test_nvil_baseline_is_used_and_gets_gradient() -> None:
     est.params.use_baseline = False
     g_without = presence_grad()
     assert not torch.allclose(g_with, g_without)
+
+
+def test_vimco_leave_one_out_signal_matches_direct_formula() -> None:
+    import sys
+
+    from bench.variants import discover
+
+    discover()  # imports the variant folders' code
+    leave_one_out_signal = sys.modules["air_variant_air_vimco_estimator"].leave_one_out_signal
+
+    g = torch.Generator().manual_seed(8)
+    log_w = torch.randn(4, 3, generator=g) * 3
+    got = leave_one_out_signal(log_w)
+    k = log_w.shape[0]
+    for i in range(k):
+        others = torch.cat([log_w[:i], log_w[i + 1 :]])
+        replaced = torch.cat([others, others.mean(0, keepdim=True)])
+        expected = torch.logsumexp(log_w, 0) - torch.logsumexp(replaced, 0)
+        torch.testing.assert_close(got[i], expected)

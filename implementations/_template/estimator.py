@@ -44,4 +44,4 @@ class ReinforceEMA(Estimator):
                 self.average.mul_(d).add_((1 - d) * signal.mean(1))
         surrogate = score_function_surrogate(trace.log_q_pres, centred, trace.ran)
         loss = -(elbo + surrogate).mean()
-        return EstimatorOutput(loss=loss, trace=trace, logs={"elbo": elbo.mean().item()})
+        return EstimatorOutput(loss=loss, trace=trace, logs={"elbo": elbo.mean().detach()})

@@ -28,10 +28,11 @@ def leave_one_out_signal(log_w: torch.Tensor) -> torch.Tensor:
     k = log_w.shape[0]
     bound = torch.logsumexp(log_w, 0) - math.log(k)
     others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)  # (K, B)
-    # For each k: the K weights with the k-th swapped for the mean of the others.
-    swapped = log_w.unsqueeze(0).expand(k, k, -1).clone()  # [k, j, b] = log_w[j, b]
-    idx = torch.arange(k)
-    swapped[idx, idx] = others_mean
+    # For each k: the K weights with the k-th swapped for the mean of the others,
+    # swapped[k, j, b] = others_mean[k, b] if j == k else log_w[j, b] (no in-place writes, so
+    # that it also runs under torch.func.vmap).
+    diagonal = torch.eye(k, dtype=torch.bool, device=log_w.device).unsqueeze(-1)
+    swapped = torch.where(diagonal, others_mean.unsqueeze(1), log_w.unsqueeze(0))
     loo_bound = torch.logsumexp(swapped, 1) - math.log(k)
     return bound.unsqueeze(0) - loo_bound
 
@@ -60,5 +61,5 @@ class VIMCO(Estimator):
         log_q = trace.log_q_pres.sum(0).view(k, batch)
         surrogate = score_function_surrogate(log_q, signal, torch.ones_like(log_q))
         loss = -(bound + surrogate).mean()
-        logs = {"elbo": trace.elbo().mean().item(), "iw_bound": bound.mean().item()}
+        logs = {"elbo": trace.elbo().mean().detach(), "iw_bound": bound.mean().detach()}
         return EstimatorOutput(loss=loss, trace=trace, logs=logs)

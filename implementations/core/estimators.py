@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from implementations.core.model import AIR, ImageLSTM, Trace, mlp
+from implementations.core.model import AIR, FlatImages, ImageLSTM, Trace, mlp
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 
@@ -41,7 +41,9 @@ def register_estimator(name: str):
 class EstimatorOutput:
     loss: torch.Tensor  # scalar surrogate to minimise
     trace: Trace  # the trace the loss came from (for logging and metrics)
-    logs: dict[str, float]  # scalars worth logging
+    # Scalars worth logging, as 0-d tensors: no .item() inside a loss, which would force a
+    # device sync every step and cannot run under torch.func.vmap (several seeds at once).
+    logs: dict[str, torch.Tensor]
 
 
 class Estimator(nn.Module):
@@ -139,7 +141,8 @@ class NVIL(Estimator):
         batch, steps = x.shape[0], trace.z_pres.shape[0]
         prev = torch.cat([trace.z_where, trace.z_what, trace.z_pres[..., None]], dim=-1).detach()
         first = torch.cat([x.new_zeros(batch, prev.shape[-1] - 1), x.new_ones(batch, 1)], dim=1)
-        gates = self.baseline_rnn.project(x.reshape(batch, -1))
+        images = trace.extras.get("flat_images") or FlatImages(x.reshape(batch, -1), sparse=False)
+        gates = self.baseline_rnn.project(images)
         h = x.new_zeros(batch, self.params.baseline_hidden)
         c = torch.zeros_like(h)
         values = []
@@ -158,14 +161,17 @@ class NVIL(Estimator):
             centred = target - value.detach()
             baseline_loss = ((target - value) ** 2 * mask).sum(0).mean()
         else:
+            value = torch.zeros_like(target)
             centred, baseline_loss = target, torch.zeros((), device=x.device)
         signal = self._normalise(centred, mask) if self.params.normalise else centred
         surrogate = score_function_surrogate(trace.log_q_pres, signal, mask)
         loss = -(elbo + surrogate).mean() + baseline_loss
+        runs = mask.sum().clamp_min(1.0)
+        signal_mean = (centred * mask).sum() / runs
         logs = {
-            "elbo": elbo.mean().item(),
-            "baseline_mse": baseline_loss.item() / max(mask.sum(0).mean().item(), 1e-8),
-            "signal_sd": centred[mask > 0].std().item() if (mask > 0).sum() > 1 else 0.0,
+            "elbo": elbo.mean().detach(),
+            "baseline_mse": (((target - value) ** 2 * mask).sum() / runs).detach(),
+            "signal_sd": (((centred - signal_mean) ** 2 * mask).sum() / runs).sqrt().detach(),
         }
         return EstimatorOutput(loss=loss, trace=trace, logs=logs)
 
@@ -210,4 +216,4 @@ class Reparameterised(Estimator):
             )
         trace = model(x, prior_prob)
         elbo = trace.elbo()
-        return EstimatorOutput(loss=-elbo.mean(), trace=trace, logs={"elbo": elbo.mean().item()})
+        return EstimatorOutput(loss=-elbo.mean(), trace=trace, logs={"elbo": elbo.mean().detach()})

@@ -9,6 +9,7 @@ ELBO is kept per step in a `Trace`, so estimators can build per-step learning si
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from implementations.core.spatial import crop, paste, where_to_box
 
 LOG_2PI = math.log(2 * math.pi)
+# Sparse CSR is marked beta, but the two operations used here (to_sparse_csr and CSR @ dense)
+# are covered by tests/test_speed_equivalence.py against the dense products.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -39,9 +43,19 @@ class ModelConfig:
     where_prior_scale: list[float] = field(default_factory=lambda: [0.2, 1.0, 1.0])
     where_scale_init: float = 0.1  # initial posterior sd of z_where (keeps early zooms sane)
     dair: bool = False  # DAIR: the encoder sees the image minus the canvas drawn so far
+    sparse_images: bool | None = None  # sparse image projection; None: on CPU only (faster there)
     presence: str = "bernoulli"  # "bernoulli" (discrete z_pres) or "concrete" (relaxed)
     concrete_temperature: float = 1.0  # temperature of the Concrete relaxation
     concrete_stop: float = 0.99  # relaxed: stop once the running sum of (1 - z_pres) reaches it
+
+
+@dataclass
+class Noise:
+    """Standard noise for one forward pass; shapes (T, B), (T, B, 3), (T, B, D)."""
+
+    pres: torch.Tensor  # uniform: Bernoulli draws (u < p) or Concrete's logistic noise
+    where: torch.Tensor  # standard normal, reparameterises z_where
+    what: torch.Tensor  # standard normal, reparameterises z_what
 
 
 @dataclass
@@ -98,22 +112,62 @@ def _gaussian_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) 
     return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
 
 
+class FlatImages:
+    """A batch of flattened images, with sparse copies made once and shared by every user.
+
+    Multi-MNIST canvases are ~95 % zeros, so on CPU the image projection (the model's largest
+    matrix product, 2500 x 4H) runs as a sparse-times-dense product; the model and NVIL's
+    baseline both project the same images, so the CSR copies are built once per batch.
+    """
+
+    def __init__(self, flat: torch.Tensor, sparse: bool) -> None:
+        self.dense = flat
+        self.sparse = sparse and not flat.requires_grad
+        self._csr: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images as CSR, transposed images as CSR): for the forward and the weight gradient."""
+        if self._csr is None:
+            self._csr = (self.dense.to_sparse_csr(), self.dense.t().to_sparse_csr())
+        return self._csr
+
+
+class _SparseProjection(torch.autograd.Function):
+    """`bias + images @ weight` with sparse images; gradients for weight and bias only."""
+
+    @staticmethod
+    def forward(ctx, images_csr, images_t_csr, weight, bias):  # noqa: ANN001, ANN205
+        ctx.images_t_csr = images_t_csr
+        return torch.addmm(bias, images_csr, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        grad_weight = torch.sparse.mm(ctx.images_t_csr, grad)  # images^T @ grad, nnz-bound
+        return None, None, grad_weight, grad.sum(0)
+
+
 class ImageLSTM(nn.Module):
     """An LSTM cell whose input is (image, small latent vector).
 
     The image part of the input projection is split off so that it can be computed once per
     image rather than once per step: in AIR the image does not change between steps, and that
-    projection (2500 x 4H) is the largest matrix product of the model.
+    projection (2500 x 4H) is the largest matrix product of the model. Its weight is stored
+    input-major (pixels x 4H) so that sparse rows of the image read contiguous weight rows.
     """
 
     def __init__(self, image_dim: int, latent_dim: int, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
-        self.image_proj = nn.Linear(image_dim, 4 * hidden)
+        bound = 1.0 / math.sqrt(image_dim)  # nn.Linear's default initialisation
+        self.image_weight = nn.Parameter(torch.empty(image_dim, 4 * hidden).uniform_(-bound, bound))
+        self.image_bias = nn.Parameter(torch.empty(4 * hidden).uniform_(-bound, bound))
         self.recurrent = nn.Linear(latent_dim + hidden, 4 * hidden, bias=False)
 
-    def project(self, flat_image: torch.Tensor) -> torch.Tensor:
-        return self.image_proj(flat_image)
+    def project(self, images: FlatImages) -> torch.Tensor:
+        if images.sparse:
+            csr, csr_t = images.csr()
+            return _SparseProjection.apply(csr, csr_t, self.image_weight, self.image_bias)
+        return torch.addmm(self.image_bias, images.dense, self.image_weight)
 
     def step(
         self, image_gates: torch.Tensor, latent: torch.Tensor, h: torch.Tensor, c: torch.Tensor
@@ -123,6 +177,14 @@ class ImageLSTM(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Checkpoints written before the input-major layout stored an nn.Linear (4H x pixels).
+        old_weight, old_bias = prefix + "image_proj.weight", prefix + "image_proj.bias"
+        if old_weight in state_dict:
+            state_dict[prefix + "image_weight"] = state_dict.pop(old_weight).t().contiguous()
+            state_dict[prefix + "image_bias"] = state_dict.pop(old_bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -166,15 +228,32 @@ class AIR(nn.Module):
         self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
 
     # ----------------------------------------------------------------------------- inference
-    def forward(self, x: torch.Tensor, prior_prob: float, sample: bool = True) -> Trace:
+    def draw_noise(self, batch: int, device: torch.device, dtype: torch.dtype) -> Noise:
+        """All the randomness of one forward pass, drawn up front in a fixed order.
+
+        Drawing it before the pass (rather than inside each step) makes the model a pure
+        function of (parameters, images, noise): several seeds can then be trained in one
+        vectorised pass and still see exactly the random numbers their own runs would.
+        """
+        steps, what = self.cfg.max_steps, self.cfg.z_what_dim
+        return Noise(
+            pres=torch.rand(steps, batch, device=device, dtype=dtype),
+            where=torch.randn(steps, batch, 3, device=device, dtype=dtype),
+            what=torch.randn(steps, batch, what, device=device, dtype=dtype),
+        )
+
+    def forward(
+        self, x: torch.Tensor, prior_prob: float, sample: bool = True, noise: Noise | None = None
+    ) -> Trace:
         """Run inference on images `x` (B, H, W) in [0, 1] and score the result.
 
         `prior_prob` is the current success probability of the geometric presence prior.
         `sample=False` takes modes instead of samples (presence on iff its probability >= 0.5).
+        `noise` (from `draw_noise`) is drawn from the global RNG when not given.
         """
         cfg = self.cfg
         batch = x.shape[0]
-        flat = x.reshape(batch, -1)
+        flat = self.flat_images(x)
         h = x.new_zeros(batch, cfg.lstm_hidden)
         c = torch.zeros_like(h)
         prev_latent = torch.cat(
@@ -187,10 +266,15 @@ class AIR(nn.Module):
         relaxed = cfg.presence == "concrete"
         stop_sum = x.new_zeros(batch)  # relaxed: running sum of (1 - z_pres)
         steps: dict[str, list[torch.Tensor]] = {k: [] for k in _STEP_KEYS}
+        if sample and noise is None:
+            noise = self.draw_noise(batch, x.device, x.dtype)
 
-        for _ in range(cfg.max_steps):
+        for t in range(cfg.max_steps):
             seen = x - canvas if cfg.dair else x
-            gates = self.rnn.project(seen.reshape(batch, -1)) if cfg.dair else image_gates
+            if cfg.dair:  # the input changes every step and is not sparse: dense product
+                gates = self.rnn.project(FlatImages(seen.reshape(batch, -1), sparse=False))
+            else:
+                gates = image_gates
             h, c = self.rnn.step(gates, prev_latent, h, c)
             out = self.predict(h)
             pres_logit, where_loc = out[:, 0], out[:, 1:4]
@@ -198,12 +282,13 @@ class AIR(nn.Module):
 
             # Presence. Sampled first: the window and appearance are only scored when it is on.
             if relaxed:
-                z_pres, log_q, log_p = self._concrete_presence(pres_logit, prior_prob, sample)
+                u = noise.pres[t] if sample else None
+                z_pres, log_q, log_p = self._concrete_presence(pres_logit, prior_prob, u)
                 z_pres = z_pres * ran
                 kl_pres = log_q - log_p  # no closed form for Concrete: one-sample estimate
             else:
-                if sample:
-                    z_pres = torch.bernoulli(torch.sigmoid(pres_logit).detach())
+                if sample:  # u < p is a Bernoulli(p) draw
+                    z_pres = (noise.pres[t] < torch.sigmoid(pres_logit).detach()).to(x.dtype)
                 else:
                     z_pres = (pres_logit >= 0).to(x.dtype)
                 z_pres = z_pres * ran
@@ -217,11 +302,11 @@ class AIR(nn.Module):
                 )
             log_q, log_p, kl_pres = log_q * ran, log_p * ran, kl_pres * ran
 
-            z_where = where_loc + where_scale * torch.randn_like(where_loc) if sample else where_loc
+            z_where = where_loc + where_scale * noise.where[t] if sample else where_loc
             glimpse = crop(seen, z_where, cfg.window).reshape(batch, -1)
             enc = self.encoder(glimpse)
             what_loc, what_scale = enc[:, : cfg.z_what_dim], F.softplus(enc[:, cfg.z_what_dim :])
-            z_what = what_loc + what_scale * torch.randn_like(what_loc) if sample else what_loc
+            z_what = what_loc + what_scale * noise.what[t] if sample else what_loc
             obj = torch.sigmoid(self.decoder(z_what)).view(batch, cfg.window, cfg.window)
             canvas = canvas + z_pres[:, None, None] * paste(obj, z_where, cfg.canvas)
 
@@ -260,17 +345,26 @@ class AIR(nn.Module):
             prev_latent = torch.cat([z_where, z_what, z_pres[:, None]], dim=1)
 
         stacked = {k: torch.stack(v) for k, v in steps.items()}
-        return Trace(log_lik=self.log_likelihood(x, canvas), canvas=canvas, **stacked)
+        trace = Trace(log_lik=self.log_likelihood(x, canvas), canvas=canvas, **stacked)
+        trace.extras["flat_images"] = flat
+        return trace
+
+    def flat_images(self, x: torch.Tensor) -> FlatImages:
+        """Flattened images, sparse where that is faster (see `ModelConfig.sparse_images`)."""
+        sparse = self.cfg.sparse_images
+        if sparse is None:
+            sparse = x.device.type == "cpu"
+        return FlatImages(x.reshape(x.shape[0], -1), sparse=sparse)
 
     def _concrete_presence(
-        self, logit: torch.Tensor, prior_prob: float, sample: bool
+        self, logit: torch.Tensor, prior_prob: float, uniform: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Relaxed (binary Concrete) presence with Monte Carlo log densities of q and p."""
         temp = self.cfg.concrete_temperature
-        if not sample:
+        if uniform is None:  # mode
             z = (logit >= 0).to(logit.dtype)
             return z, torch.zeros_like(logit), torch.zeros_like(logit)
-        u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+        u = uniform.clamp(1e-6, 1 - 1e-6)
         noise = u.log() - (-u).log1p()
         y = (logit + noise) / temp  # logit of the relaxed sample
         prior_logit = math.log(prior_prob) - math.log1p(-prior_prob)

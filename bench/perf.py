@@ -1,0 +1,156 @@
+"""Speed benchmark: ms per training iteration of each variant, and how far from the floor.
+
+    python -m bench.perf                       # every variant, batch 64, this machine's default
+    python -m bench.perf --variants air_nvil_fixed --iterations 300 --device cuda
+
+For each variant it prints and writes (JSON and CSV, under `results/perf/` by default): the
+median wall time of one optimisation step after warm-up, the peak memory, the FLOPs of one
+step (counted by torch's FlopCounterMode), the device's measured matrix-multiply throughput
+and the ratio of the two, i.e. the time the step would take if it ran at matmul speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.config import load_config
+from bench.data.multi_mnist import MultiMnistSpec, load_or_generate
+from bench.evaluate import to_float_images
+from bench.provenance import device_name
+from bench.runtime import keep_freed_memory
+from bench.storage import atomic_write_json, atomic_write_text
+from bench.trainer import build
+from bench.variants import discover
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    """Measured fp32 matrix-multiply throughput of the device, GFLOP/s."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def benchmark_variant(
+    name: str,
+    overrides: list[str],
+    device: torch.device,
+    iterations: int,
+    warmup: int,
+    images: np.ndarray,
+) -> dict:
+    """Time `iterations` optimisation steps of variant `name` after `warmup` steps."""
+    variant = discover().variants[name]
+    cfg = variant.run_config(overrides=[f"train.device={device}", *overrides])
+    model, estimator, optimiser = build(cfg, device)
+    batch = cfg.train.batch_size
+    x_all = to_float_images(images, device)
+
+    def step(i: int) -> None:
+        start = (i * batch) % (len(x_all) - batch)
+        out = estimator.loss(model, x_all[start : start + batch], 0.01)
+        optimiser.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimiser.step()
+
+    for i in range(warmup):
+        step(i)
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    flops = counter.get_total_flops()
+    times = []
+    for i in range(iterations):
+        _sync(device)
+        t = time.perf_counter()
+        step(i)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {
+        "variant": name,
+        "batch_size": batch,
+        "median_ms": 1000 * statistics.median(times),
+        "p10_ms": 1000 * float(np.percentile(times, 10)),
+        "p90_ms": 1000 * float(np.percentile(times, 90)),
+        "gflop_per_iteration": flops / 1e9,
+        "peak_memory_mb": _peak_memory_mb(device),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-v", "--variants", nargs="*", help="variants to time (default: all valid)")
+    p.add_argument("-d", "--device", default="cpu", help="cpu or cuda")
+    p.add_argument("-n", "--iterations", type=int, default=200, help="timed iterations")
+    p.add_argument("-w", "--warmup", type=int, default=20, help="untimed warm-up iterations")
+    p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("-o", "--out", default="results/perf", help="folder for perf.json / perf.csv")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every variant")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
+    found = discover()
+    names = args.variants or sorted(found.variants)
+    unknown = [n for n in names if n not in found.variants]
+    if unknown:
+        p.error(f"unknown or broken variant(s) {unknown}; valid: {sorted(found.variants)}")
+    base = load_config(overrides=args.overrides)
+    spec = MultiMnistSpec(n_images=2048, split="train", seed=base.data.seed)
+    images = load_or_generate(
+        spec, data_dir=base.data.data_dir, cache_dir=base.data.cache_dir
+    ).images
+    peak = matmul_gflops(device)
+    rows = []
+    for name in names:
+        log.info("timing %s (%d iterations after %d warm-up)", name, args.iterations, args.warmup)
+        row = benchmark_variant(name, args.overrides, device, args.iterations, args.warmup, images)
+        row["matmul_gflops"] = peak
+        row["floor_ms"] = 1000 * row["gflop_per_iteration"] / peak
+        row["ratio_to_floor"] = row["median_ms"] / row["floor_ms"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    machine = {"device": device_name(device), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
+    out = Path(args.out)
+    atomic_write_json(out / "perf.json", {"machine": machine, "rows": rows})
+    atomic_write_text(out / "perf.csv", table.to_csv(index=False))
+    print(f"device: {machine['device']}, torch {machine['torch']}, threads {machine['threads']}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
