@@ -192,7 +192,8 @@ class Trainer:
         self.stop_requested = False
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint; `rng` replaces the global RNG states (seed groups pass their own)."""
         path = self.run_dir / CHECKPOINT
         if path.exists():
             path.replace(self.run_dir / PREVIOUS_CHECKPOINT)
@@ -205,7 +206,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "estimator": self.estimator.state_dict(),
                 "optimiser": self.optimiser.state_dict(),
-                "rng": _rng_state(self.device),
+                "rng": rng if rng is not None else _rng_state(self.device),
                 "status": self.status,
                 "running": self.running,
             },
@@ -249,9 +250,16 @@ class Trainer:
 
         Returns the result record, also written to result.json when the run ends.
         """
-        cfg, tc = self.cfg, self.cfg.train
+        if self.prepare():
+            self._loop(stop_after)
+        if self.needs_training():
+            return {"status": "partial", "iteration": self.iteration}
+        return self.finish()
+
+    def prepare(self) -> bool:
+        """Write the config, restore the newest checkpoint if any; True if training remains."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         ckpt = load_checkpoint(self.run_dir, self.hash)
         if ckpt is not None:
             self.restore(ckpt)
@@ -259,12 +267,11 @@ class Trainer:
             log.info("%s: resuming from iteration %d", self.run_dir, self.iteration)
         elif (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()  # a fresh start rewrites the history
+        return self.needs_training()
 
-        if self.status.get("diverged_at") is None and self.iteration < tc.iterations:
-            self._loop(stop_after)
-        if self.iteration < tc.iterations and self.status.get("diverged_at") is None:
-            return {"status": "partial", "iteration": self.iteration}
-        return self.finish()
+    def needs_training(self) -> bool:
+        diverged = self.status.get("diverged_at") is not None
+        return not diverged and self.iteration < self.cfg.train.iterations
 
     def _loop(self, stop_after: int | None) -> None:
         cfg, tc = self.cfg, self.cfg.train
@@ -296,9 +303,7 @@ class Trainer:
                 self.optimiser.step()
                 self.iteration += 1
                 self.elapsed += time.perf_counter() - t0
-                for k, v in {"loss": loss_value, **out.logs}.items():
-                    running[k] = running.get(k, 0.0) + float(v)
-                running["n"] = running.get("n", 0.0) + 1
+                self.accumulate(loss_value, out.logs)
                 bar.update(1)
                 if self.iteration % tc.log_every == 0:
                     bar.set_postfix(elbo=f"{float(out.logs.get('elbo', float('nan'))):.1f}")
@@ -313,6 +318,12 @@ class Trainer:
                     break  # the checkpoint below makes the stop lossless
         if self.iteration % tc.checkpoint_every != 0 or self.status.get("diverged_at"):
             self.save_checkpoint()
+
+    def accumulate(self, loss_value: float, logs: dict[str, Any]) -> None:
+        """Add one step's logs to the running sums reported at the next evaluation."""
+        for k, v in {"loss": loss_value, **logs}.items():
+            self.running[k] = self.running.get(k, 0.0) + float(v)
+        self.running["n"] = self.running.get("n", 0.0) + 1
 
     def _clip(self) -> float:
         params = [p for g in self.optimiser.param_groups for p in g["params"] if p.grad is not None]

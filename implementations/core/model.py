@@ -19,9 +19,6 @@ from torch import nn
 from implementations.core.spatial import crop, paste, where_to_box
 
 LOG_2PI = math.log(2 * math.pi)
-# Sparse CSR is marked beta, but the two operations used here (to_sparse_csr and CSR @ dense)
-# are covered by tests/test_speed_equivalence.py against the dense products.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -128,7 +125,9 @@ class FlatImages:
     def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images as CSR, transposed images as CSR): for the forward and the weight gradient."""
         if self._csr is None:
-            self._csr = (self.dense.to_sparse_csr(), self.dense.t().to_sparse_csr())
+            with warnings.catch_warnings():  # "CSR support is in beta": the two ops used here
+                warnings.simplefilter("ignore")  # are checked against dense products in tests
+                self._csr = (self.dense.to_sparse_csr(), self.dense.t().to_sparse_csr())
         return self._csr
 
 
@@ -224,6 +223,9 @@ class AIR(nn.Module):
             head.bias[1:4] = torch.tensor(cfg.where_prior_loc)
             head.bias[4:7] = math.log(math.expm1(cfg.where_scale_init))
             self.decoder[-1].bias.fill_(cfg.decoder_bias)
+        # Noise for the next forward passes, in call order: lets a caller (the seed-vectorised
+        # trainer) supply each seed's own random numbers; empty means "draw from the RNG".
+        self.noise_queue: list[Noise] = []
         self.register_buffer("where_prior_loc", torch.tensor(cfg.where_prior_loc))
         self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
 
@@ -267,7 +269,8 @@ class AIR(nn.Module):
         stop_sum = x.new_zeros(batch)  # relaxed: running sum of (1 - z_pres)
         steps: dict[str, list[torch.Tensor]] = {k: [] for k in _STEP_KEYS}
         if sample and noise is None:
-            noise = self.draw_noise(batch, x.device, x.dtype)
+            queued = self.noise_queue.pop(0) if self.noise_queue else None
+            noise = queued or self.draw_noise(batch, x.device, x.dtype)
 
         for t in range(cfg.max_steps):
             seen = x - canvas if cfg.dair else x
