@@ -15,6 +15,7 @@ import argparse
 import logging
 import platform
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -106,6 +107,45 @@ def benchmark_variant(
     }  # fmt: skip
 
 
+def benchmark_groups(
+    name: str,
+    overrides: list[str],
+    device: torch.device,
+    sizes: list[int],
+    iterations: int,
+    warmup: int,
+    out_root: Path,
+) -> list[dict]:
+    """Seed-iterations per second when S seeds of `name` train together (bench.seedgroup)."""
+    from bench.seedgroup import SeedGroup
+
+    variant = discover().variants[name]
+    rows = []
+    for size in sizes:
+        folder = out_root / f"group_{name}_{size}"
+        shutil.rmtree(folder, ignore_errors=True)
+        cfgs = [
+            variant.run_config(overrides=[
+                f"train.device={device}", f"train.iterations={warmup + iterations}",
+                "train.eval_every=1000000000", "train.checkpoint_every=1000000000",
+                "train.checkpoint_minutes=1e9", "train.progress=false", "data.n_test=64",
+                *overrides, f"seed={seed}", f"out_dir={folder}/seed_{seed}",
+            ])
+            for seed in range(size)
+        ]  # fmt: skip
+        group = SeedGroup(cfgs)
+        group._train_vectorised(list(range(size)))
+        step = statistics.median(group.step_times[warmup:])
+        rows.append({"variant": name, "seeds": size, "median_ms_per_step": 1000 * step,
+                     "seed_iterations_per_s": size / step,
+                     "peak_memory_mb": _peak_memory_mb(device)})  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+    base = rows[0]["seed_iterations_per_s"] if rows else 1.0
+    for row in rows:
+        row["speedup_vs_first"] = row["seed_iterations_per_s"] / base
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-v", "--variants", nargs="*", help="variants to time (default: all valid)")
@@ -114,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-w", "--warmup", type=int, default=20, help="untimed warm-up iterations")
     p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("-o", "--out", default="results/perf", help="folder for perf.json / perf.csv")
+    p.add_argument(
+        "-g",
+        "--group-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time S seeds trained together (e.g. 1 4 16), first variant only",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every variant")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -149,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "perf.csv", table.to_csv(index=False))
     print(f"device: {machine['device']}, torch {machine['torch']}, threads {machine['threads']}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    if args.group_sizes:
+        groups = benchmark_groups(names[0], args.overrides, device, args.group_sizes,
+                                  args.iterations, args.warmup, out)  # fmt: skip
+        group_table = pd.DataFrame(groups)
+        atomic_write_text(out / "perf_groups.csv", group_table.to_csv(index=False))
+        print(group_table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
 
 

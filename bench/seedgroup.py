@@ -73,6 +73,7 @@ class SeedGroup:
         self.trainers: list[Trainer] = []
         self.rng: list[dict[str, Any]] = []  # each seed's RNG states, as its own run has them
         self.prior = 0.0  # presence prior of the iteration being trained (read by the loss)
+        self.step_times: list[float] = []  # seconds per vectorised step (for bench.perf)
         for cfg in cfgs:
             trainer = Trainer(cfg, data=self.data)  # builds and initialises from cfg.seed
             trainer.prepare()  # restores its checkpoint (and its RNG states) if it has one
@@ -163,6 +164,7 @@ class SeedGroup:
             losses.sum().backward()  # seeds share no parameters: each gets its own gradient
             norms = _clip_per_seed(list(params.values()), tc.grad_clip)
             step_seconds = time.perf_counter() - t0
+            self.step_times.append(step_seconds)
             for j, trainer in enumerate(trainers):
                 if not active[j]:
                     continue
