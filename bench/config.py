@@ -204,11 +204,15 @@ def to_yaml(cfg: RunConfig) -> str:
 def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("seed", "out_dir")) -> str:
     """Short hash of everything that changes the numbers (not the seed or the output folder).
 
-    Device and progress settings are left in: a CUDA run is not bit-identical to a CPU one.
+    Device settings are left in: a CUDA run is not bit-identical to a CPU one. Progress bars and
+    data folders are left out.
     """
     d = to_dict(cfg)
     for key in ignore:
         d.pop(key, None)
     d["train"].pop("progress", None)
+    # Where MNIST and the generated cache live changes no number (both are checksummed).
+    d["data"].pop("data_dir", None)
+    d["data"].pop("cache_dir", None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

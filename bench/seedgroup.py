@@ -160,6 +160,7 @@ class SeedGroup:
                 self.rng[i] = _rng_state(self.device)
             self.prior = trainers[0].prior_prob(iteration)
             losses, logs = loss_fn(params, buffers, x, _stack_noises(noises))
+            loss_values = losses.detach()
             optimiser.zero_grad(set_to_none=True)
             losses.sum().backward()  # seeds share no parameters: each gets its own gradient
             norms = _clip_per_seed(list(params.values()), tc.grad_clip)
@@ -168,7 +169,7 @@ class SeedGroup:
             for j, trainer in enumerate(trainers):
                 if not active[j]:
                     continue
-                loss_j, norm_j = float(losses[j]), float(norms[j])
+                loss_j, norm_j = float(loss_values[j]), float(norms[j])
                 if not (math.isfinite(loss_j) and math.isfinite(norm_j)):
                     self._sync(j, members, params, buffers, optimiser, template)
                     trainer._diverged(loss_j, norm_j)
@@ -182,7 +183,7 @@ class SeedGroup:
                     continue
                 trainer.iteration = iteration + 1
                 trainer.elapsed += step_seconds  # the group's wall time: what this seed cost
-                trainer.accumulate(float(losses[j]), {k: v[j] for k, v in logs.items()})
+                trainer.accumulate(float(loss_values[j]), {k: v[j] for k, v in logs.items()})
             it = iteration + 1
             evaluate = it % tc.eval_every == 0 or it == tc.iterations
             minutes = (time.monotonic() - since_ckpt) / 60

@@ -193,7 +193,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
-        """Write the checkpoint; `rng` replaces the global RNG states (seed groups pass their own)."""
+        """Write the checkpoint; `rng` replaces the global RNG states (seed groups pass theirs)."""
         path = self.run_dir / CHECKPOINT
         if path.exists():
             path.replace(self.run_dir / PREVIOUS_CHECKPOINT)

@@ -1,0 +1,278 @@
+"""Every run under a results folder, into pandas: one row per run, one row per evaluation.
+
+    from bench.gather import gather
+    g = gather(Path("results"))       # also writes results/runs.csv and results/evals.csv
+    g.runs.groupby(["experiment", "variant"]).final_count_accuracy.describe()
+    g.evals.query("variant == 'air_nvil_fixed'").plot(x="iteration", y="count_accuracy")
+
+Only the run folders are read (`<experiment>/<variant>/<config_hash>/seed_<n>/`), plus the
+SLURM queue for runs submitted but not finished. A file that cannot be read is reported in
+`problems` and in the row's `error` column, never raised: gathering must work on a results
+folder that jobs are writing to right now. The CSV files are replaced atomically, so two
+gathers at once leave one complete file or the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from bench.grid import (
+    ATTEMPTS,
+    SUBMISSION,
+    SlurmError,
+    lock_holder,
+    read_json,
+    read_result,
+    slurm_available,
+    slurm_queue,
+)
+from bench.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RUN_COLUMNS = [
+    "experiment",
+    "variant",
+    "seed",
+    "config_hash",
+    "run_dir",
+    "status",
+    "outcome",
+    "diverged_at",
+    "iterations",
+    "target_iterations",
+    "wall_time_s",
+    "iterations_to_target",
+    "final_count_accuracy",
+    "final_count_accuracy_0",
+    "final_count_accuracy_1",
+    "final_count_accuracy_2",
+    "final_count_accuracy_3",
+    "final_elbo",
+    "final_iw_bound",
+    "final_box_iou",
+    "final_mean_count",
+    "final_confusion",
+    "error",
+    "slurm_job_id",
+    "git_commit",
+    "device",
+    "host",
+    "converged_accuracy",
+    "converged_evals",
+    "attempts",
+]
+EVAL_KEYS = ["experiment", "variant", "seed", "config_hash", "iteration"]
+NAN = float("nan")
+
+
+@dataclass
+class Gathered:
+    runs: pd.DataFrame  # one row per run folder (RUN_COLUMNS)
+    evals: pd.DataFrame  # one row per line of every metrics.jsonl
+    problems: list[str] = field(default_factory=list)  # files that could not be read
+
+
+def run_folders(results_root: Path) -> list[Path]:
+    """Every `<experiment>/<variant>/<hash>/seed_<n>` folder, in a stable order."""
+    found = [p for p in results_root.glob("*/*/*/seed_*") if p.is_dir()]
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.parts[-4:]))
+
+
+def _identity(run_dir: Path) -> dict[str, Any]:
+    seed = run_dir.name.removeprefix("seed_")
+    return {
+        "experiment": run_dir.parents[2].name,
+        "variant": run_dir.parents[1].name,
+        "seed": int(seed) if seed.isdigit() else -1,
+        "config_hash": run_dir.parent.name,
+    }
+
+
+def _read_lines(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """JSON lines, skipping (and reporting) any that do not parse."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        problems.append(f"{path}: {err}")
+        return []
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1:  # a torn last line is a writer at work, not a problem
+                problems.append(f"{path}: line {i + 1} is not valid JSON (skipped)")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _config_fields(run_dir: Path, problems: list[str]) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    out = {"target_iterations": NAN, "converged_accuracy": NAN, "converged_evals": NAN}
+    if not path.exists():
+        return out
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        out["target_iterations"] = cfg["train"]["iterations"]
+        out["converged_accuracy"] = cfg["eval"]["converged_accuracy"]
+        out["converged_evals"] = cfg["eval"]["converged_evals"]
+    except Exception as err:  # yaml raises several types; a missing key is a KeyError
+        problems.append(f"{path}: {type(err).__name__}: {err}")
+    return out
+
+
+def _run_row(
+    run_dir: Path,
+    queue: dict[tuple[str, int], tuple[str, str]] | None,
+    problems: list[str],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    row: dict[str, Any] = {**_identity(run_dir), "run_dir": str(run_dir)}
+    row.update(_config_fields(run_dir, problems))
+    row["attempts"] = len(_read_lines(run_dir / ATTEMPTS, problems))
+    submission = read_json(run_dir / SUBMISSION) or {}
+    record, problem = read_result(run_dir)
+    if problem is not None:
+        problems.append(f"{run_dir}: {problem}")
+    record = record or {}
+    provenance = record.get("provenance") or {}
+    final = record.get("final") or {}
+    status = record.get("status")
+    if status is None:  # no (readable) result yet: ask the queue, the lock, the folder
+        live = None
+        if queue is not None and submission.get("cluster") == "slurm":
+            live = queue.get(
+                (submission.get("job_name", ""), int(submission.get("array_index", 0)))
+            )
+        if live is not None:
+            status = "running" if live[1] in ("RUNNING", "COMPLETING") else "queued"
+        elif lock_holder(run_dir) is not None:
+            status = "running"
+        elif submission and queue is None and not (run_dir / "checkpoint.pt").exists():
+            status = "queued"  # the queue cannot be asked; nothing says it started
+        else:
+            status = "partial"
+    row.update(
+        {
+            "status": status,
+            "outcome": record.get("outcome") or "",
+            "diverged_at": _num(record.get("diverged_at")),
+            "iterations": _num(
+                record.get("iterations", history[-1].get("iteration") if history else None)
+            ),
+            "wall_time_s": _num(
+                record.get("wall_time_s", history[-1].get("wall_time") if history else None)
+            ),
+            "iterations_to_target": _num(record.get("iterations_to_target")),
+            "final_count_accuracy": _num(final.get("count_accuracy")),
+            **{
+                f"final_count_accuracy_{n}": _num(final.get(f"count_accuracy_{n}"))
+                for n in range(4)
+            },
+            "final_elbo": _num(final.get("elbo")),
+            "final_iw_bound": _num(final.get("iw_bound")),
+            "final_box_iou": _num(final.get("box_iou")),
+            "final_mean_count": _num(final.get("mean_count")),
+            "final_confusion": json.dumps(final["confusion"]) if "confusion" in final else "",
+            "error": record.get("error") or problem or "",
+            "slurm_job_id": (
+                submission.get("job_id") if submission.get("cluster") == "slurm" else None
+            )
+            or provenance.get("slurm_job_id")
+            or "",
+            "git_commit": provenance.get("git_commit") or "",
+            "device": provenance.get("device") or "",
+            "host": provenance.get("host") or "",
+        }
+    )
+    return row
+
+
+def _num(value: Any) -> float:
+    if value is None or isinstance(value, bool):
+        return NAN
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return NAN
+
+
+def _eval_rows(run_dir: Path, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ident = _identity(run_dir)
+    rows = []
+    for record in history:
+        row = {**ident}
+        for key, value in record.items():
+            if isinstance(value, (list, dict)):
+                value = json.dumps(value)  # the confusion matrix, as one cell
+            row[key] = value
+        rows.append(row)
+    return rows
+
+
+def _queue_if_needed(folders: list[Path]) -> dict[tuple[str, int], tuple[str, str]] | None:
+    """The SLURM queue, if some run waits on it and it can be asked; else None."""
+    waiting = any(
+        (read_json(d / SUBMISSION) or {}).get("cluster") == "slurm"
+        and not (d / "result.json").exists()
+        for d in folders
+    )
+    if not waiting or not slurm_available():
+        return None
+    try:
+        return slurm_queue()
+    except SlurmError as err:
+        log.warning("cannot ask SLURM which runs are queued or running: %s", err)
+        return None
+
+
+def gather(results_root: Path = Path("results"), write_csv: bool = True) -> Gathered:
+    """Read every run folder under `results_root`; write runs.csv and evals.csv there."""
+    results_root = Path(results_root)
+    folders = run_folders(results_root)
+    queue = _queue_if_needed(folders)
+    problems: list[str] = []
+    runs, evals = [], []
+    for run_dir in folders:
+        history = _read_lines(run_dir / "metrics.jsonl", problems)
+        runs.append(_run_row(run_dir, queue, problems, history))
+        evals.extend(_eval_rows(run_dir, history))
+    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
+    evals_df = pd.DataFrame(evals)
+    if evals_df.empty:
+        evals_df = pd.DataFrame(columns=EVAL_KEYS)
+    else:  # identity first, then the metrics in a stable order
+        rest = sorted(c for c in evals_df.columns if c not in EVAL_KEYS)
+        evals_df = evals_df[EVAL_KEYS + rest]
+    for problem in problems:
+        log.warning("gather: %s", problem)
+    if write_csv and results_root.is_dir():
+        atomic_write_text(results_root / "runs.csv", runs_df.to_csv(index=False))
+        atomic_write_text(results_root / "evals.csv", evals_df.to_csv(index=False))
+    return Gathered(runs=runs_df, evals=evals_df, problems=problems)
+
+
+def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment and variant: runs by status, converged share, mean final accuracy."""
+    if runs.empty:
+        return pd.DataFrame()
+    g = runs.groupby(["experiment", "variant"])
+    out = g["status"].value_counts().unstack(fill_value=0)
+    complete = runs[runs["status"] == "complete"].groupby(["experiment", "variant"])
+    out["converged"] = complete["outcome"].apply(lambda s: int((s == "converged").sum()))
+    out["count_acc"] = complete["final_count_accuracy"].mean().round(3)
+    return out.fillna({"converged": 0}).reset_index()

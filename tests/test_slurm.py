@@ -1,0 +1,234 @@
+"""`run_all.py --cluster slurm` end to end on a real single-node SLURM cluster (smoke profile).
+
+One scenario, in the order a user lives it: a grid of 2 variants x 2 seeds goes out as two job
+arrays (max_array_size=3) and a report job; one running task is forced through a timeout
+(SIGUSR2, as SLURM sends it), checkpoints, is requeued and resumes; an invocation while the jobs
+run submits nothing; the report job runs after the arrays; a last invocation submits nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from bench.grid import ATTEMPTS, SUBMISSION
+from bench.storage import read_json_lines
+from tests.conftest import ROOT, needs_mnist
+from tests.slurm_fixtures import slurm_cluster  # noqa: F401  (the fixture)
+
+pytestmark = needs_mnist
+
+VARIANTS = "air_nvil_fixed,air_concrete"
+# Long enough (a few seconds) that a task can be caught mid-training; evaluations and
+# checkpoints every 20 iterations.
+LONGER = ["train.iterations=150", "train.eval_every=20", "train.checkpoint_every=20"]
+
+
+def _job_names() -> list[str]:
+    """Every job this cluster has accounted for, by name (sacct sees finished ones too)."""
+    out = subprocess.run(
+        [
+            "sacct",
+            "--noheader",
+            "--parsable2",
+            "--allocations",
+            "--starttime=2000-01-01",
+            "--format=JobID,JobName",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    queued = subprocess.run(
+        ["squeue", "--noheader", "--array", "--format=%i|%j"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(set(out.stdout.split()) | set(queued.stdout.split()))
+
+
+def _wait_for(check, timeout: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_grid_on_slurm_requeue_resume_and_no_double_submit(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    env = {**os.environ, "AIR_CACHE_DIR": str(data_cache)}
+    cmd = [
+        sys.executable,
+        "run_all.py",
+        "--cluster",
+        "slurm",
+        "--profile",
+        "smoke",
+        "--experiments",
+        "count",
+        "--variants",
+        VARIANTS,
+        "--seeds",
+        "0-1",
+        "--results",
+        str(results),
+        "--reports",
+        str(reports),
+        "--no-progress",
+        "profile.slurm.max_array_size=3",
+        *LONGER,
+    ]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    # A resource the cluster cannot give is refused before anything is submitted.
+    before = _job_names()
+    bad = run("profile.resources.gpus_per_node=1")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "SLURM rejects" in bad.stderr and "gres" in bad.stderr.lower()
+    assert _job_names() == before
+
+    first = subprocess.Popen(
+        [*cmd, "--wait"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        target = _wait_for(
+            lambda: next(iter(results.glob("count/air_nvil_fixed/*/seed_0")), None),
+            60,
+            "the first run folder",
+        )
+        # Caught mid-training: after its first evaluation and checkpoint, before the end.
+        _wait_for(
+            lambda: len(read_json_lines(target / "metrics.jsonl")) >= 1,
+            90,
+            "the target run's first evaluation",
+        )
+        job_id = json.loads((target / SUBMISSION).read_text())["job_id"]
+        job = submitit.SlurmJob(folder=tmp_path / "unused", job_id=job_id)
+        job._interrupt(timeout=True)  # SIGUSR2, exactly what SLURM sends before a time limit
+
+        # While the arrays are queued or running, a second invocation submits nothing.
+        names = _job_names()
+        second = run()
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "nothing to submit" in second.stdout, second.stdout
+        assert "to start" not in second.stdout and "to resume" not in second.stdout
+        assert _job_names() == names
+
+        out, _ = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out
+    assert "submitted array" in out and "report job" in out
+
+    session = json.loads(next(results.glob(".submitit/*/session.json")).read_text())
+    assert [a["tasks"] for a in session["arrays"]] == [3, 1]  # split at max_array_size
+    assert len(session["runs"]) == 4
+    for run_dir in results.glob("count/*/*/seed_*"):
+        record = json.loads((run_dir / "result.json").read_text())
+        assert record["status"] == "complete" and record["iterations"] == 150, run_dir
+        assert record["provenance"]["slurm_job_id"], run_dir
+
+    # The interrupted task checkpointed where it stopped, was requeued, and resumed from there.
+    attempts = read_json_lines(target / ATTEMPTS)
+    assert [a["end"] for a in attempts] == ["requeued", "complete"], attempts
+    stopped_at = attempts[0]["end_iteration"]
+    assert 0 < stopped_at < 150
+    assert attempts[1]["start_iteration"] == stopped_at
+    assert attempts[1]["restart_count"] == "1"  # SLURM_RESTART_COUNT of the requeued job
+    log = Path(json.loads((target / SUBMISSION).read_text())["stderr"]).read_text()
+    assert f"resuming from iteration {stopped_at}" in log
+
+    # The report job ran after the arrays and gathered every run.
+    report = submitit.SlurmJob(Path(session["folder"]) / "%j", session["report"]["job_id"])
+    report._results_timeout_s = 5
+    assert report.result()["runs"] == {"complete": 4}
+    runs_csv = (results / "runs.csv").read_text()
+    assert runs_csv.count(",complete,") == 4
+
+    # Everything is complete: a last invocation submits nothing at all.
+    names = _job_names()
+    last = run()
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "4 runs: 4 to skip" in last.stdout and "nothing to submit" in last.stdout
+    assert _job_names() == names
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_run_whose_job_died_is_recorded_and_submitted_again(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """A job killed from outside (scancel here; a node failure or a hard time limit alike) leaves
+    no result: the next invocation records the run as failed, with the job's state, and submits
+    it again."""
+    results = tmp_path / "results"
+    env = {**os.environ, "AIR_CACHE_DIR": str(data_cache)}
+    cmd = [
+        sys.executable,
+        "run_all.py",
+        "--cluster",
+        "slurm",
+        "--profile",
+        "smoke",
+        "--variants",
+        "air_nvil_fixed",
+        "--seeds",
+        "0",
+        "--results",
+        str(results),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--no-progress",
+        *LONGER,
+    ]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = next(results.glob("count/air_nvil_fixed/*/seed_0"))
+    job_id = json.loads((run_dir / SUBMISSION).read_text())["job_id"]
+    subprocess.run(["scancel", job_id], check=True)
+    _wait_for(
+        lambda: (
+            "CANCELLED"
+            in subprocess.run(
+                ["sacct", "--noheader", "--allocations", f"--jobs={job_id}", "--format=State"],
+                capture_output=True,
+                text=True,
+            ).stdout
+        ),
+        30,
+        "sacct to record the cancellation",
+    )
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "retry" in again.stdout and f"SLURM job {job_id} ended CANCELLED" in again.stdout
+    assert "submitted array" in again.stdout
+    resubmitted = json.loads((run_dir / SUBMISSION).read_text())
+    assert resubmitted["job_id"] != job_id
+    subprocess.run(["scancel", f"--name={resubmitted['job_name']}"], check=True)
+    subprocess.run(
+        ["scancel", f"--name={resubmitted['job_name'].rsplit('-', 1)[0]}-report"], check=True
+    )
