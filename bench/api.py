@@ -44,10 +44,8 @@ class LoadedRun:
         counts, boxes, probs, recon = [], [], [], []
         for start in range(0, len(x), batch_size):
             trace = self.model(x[start : start + batch_size].to(device), prior, sample=False)
-            on = (trace.z_pres >= 0.5).cumprod(0).bool().cpu()
-            step_boxes = self.model.boxes(trace).cpu()
             counts.append(trace.counts().cpu())
-            boxes += [step_boxes[on[:, b], b].numpy() for b in range(on.shape[1])]
+            boxes += [b.numpy() for b in self.model.present_boxes(trace)]
             probs.append((trace.pres_prob * trace.ran).T.cpu())
             recon.append(trace.canvas.cpu())
         return Inference(

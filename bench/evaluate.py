@@ -45,10 +45,7 @@ def evaluate(
             x = to_float_images(images[start : start + batch_size], device)
             mode = model(x, prior_prob, sample=False)
             pred_counts.append(mode.counts().cpu())
-            on = (mode.z_pres >= 0.5).cumprod(0).bool().cpu()  # (T, B)
-            step_boxes = model.boxes(mode).cpu()  # (T, B, 4)
-            for b in range(x.shape[0]):
-                pred_boxes.append(step_boxes[on[:, b], b].numpy())
+            pred_boxes += [b.numpy() for b in model.present_boxes(mode)]
             elbos.append(model(x, prior_prob, sample=True).elbo().cpu())
         pred = torch.cat(pred_counts).numpy()
         out: dict = metrics.count_accuracy(pred, counts)

@@ -396,6 +396,12 @@ class AIR(nn.Module):
         """(T, B, 4) pixel boxes of every step's window."""
         return where_to_box(trace.z_where, self.cfg.canvas)
 
+    def present_boxes(self, trace: Trace) -> list[torch.Tensor]:
+        """Per image, the (count, 4) pixel boxes of the steps that are on, in step order (CPU)."""
+        on = (trace.z_pres >= 0.5).cumprod(0).bool().cpu()  # (T, B)
+        step_boxes = self.boxes(trace).cpu()  # (T, B, 4)
+        return [step_boxes[on[:, b], b] for b in range(on.shape[1])]
+
 
 def _concrete_logit_density(
     y: torch.Tensor, logit: torch.Tensor | float, temp: float
