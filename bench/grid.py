@@ -93,6 +93,9 @@ class Profile:
     experiments: list[str] = field(default_factory=lambda: ["count"])  # default --experiments
     variants: list[str] = field(default_factory=list)  # default --variants; empty: all valid
     resources: Resources = field(default_factory=Resources)  # per job; a variant's own win
+    # Seeds of one (experiment, variant, config) trained together by one job (bench/seedgroup.py,
+    # vectorised over the seeds); 1: one run per job. Results stay one folder per seed.
+    group_size: int = 1
     local: LocalSettings = field(default_factory=LocalSettings)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
@@ -158,6 +161,10 @@ def load_profile(name: str, overrides: list[str] | None = None) -> Profile:
         raise GridError(f"{path}: local.jobs and slurm.array_parallelism must be >= 1")
     if profile.slurm.max_array_size is not None and profile.slurm.max_array_size < 1:
         raise GridError(f"{path}: slurm.max_array_size must be >= 1 (or null: the cluster's)")
+    if profile.group_size < 1:
+        raise GridError(
+            f"{path}: group_size must be >= 1 (seeds trained by one job), got {profile.group_size}"
+        )
     return profile
 
 
@@ -217,6 +224,44 @@ class RunSpec:
             "config": to_dict(self.cfg),
             "stop_grace_s": stop_grace_s,
         }
+
+
+@dataclass
+class RunGroup:
+    """The runs one job trains: a single run, or seeds of one (experiment, variant, config)."""
+
+    runs: list[RunSpec]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def resources(self) -> Resources:
+        return self.runs[0].resources  # one variant: the same resources for every member
+
+    def task(self, stop_grace_s: float) -> dict[str, Any]:
+        """The worker's task: a single run's as it always was, or the list of member tasks."""
+        if len(self.runs) == 1:
+            return self.runs[0].task(stop_grace_s)
+        return {"group": [r.task(stop_grace_s) for r in self.runs], "stop_grace_s": stop_grace_s}
+
+
+def group_runs(runs: list[RunSpec], states: list[RunState], group_size: int) -> list[RunGroup]:
+    """The runs to train, in jobs: seeds that share (experiment, variant, config hash) are
+    chunked into groups of at most `group_size`; runs that need no training are left out."""
+    if group_size < 1:
+        raise GridError(f"group_size must be >= 1, got {group_size}")
+    same_config: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for run, state in zip(runs, states, strict=True):
+        if state.to_run:
+            key = (run.experiment, run.variant, run.config_hash)
+            same_config.setdefault(key, []).append(run)
+    return [
+        RunGroup(members[i : i + group_size])
+        for members in same_config.values()
+        for i in range(0, len(members), group_size)
+    ]
 
 
 def merge_resources(profile: Resources, variant: Resources) -> Resources:

@@ -1,15 +1,19 @@
 """The launcher behind `run_all.py`: plan the grid, run it here or submit it to SLURM, gather.
 
-Every run goes through the same worker (`bench.worker.Worker`, pickled by submitit):
+Every job goes through the same worker (`bench.worker.Worker`, pickled by submitit):
   --cluster local   a bounded pool of processes on this machine (submitit's LocalExecutor)
   --cluster slurm   job arrays grouped by resources, then a report job (afterany)
-  --cluster debug   one run after another inside this process (errors reach pdb)
+  --cluster debug   one job after another inside this process (errors reach pdb)
+
+A job trains one run or, with the profile's `group_size` > 1, up to that many seeds of one
+(experiment, variant, config) together (bench/seedgroup.py); results stay one folder per seed.
 
 The plan is read from the run folders and, for SLURM, the queue: complete runs are skipped,
 partial ones resume from their checkpoint, failed ones are retried, runs with an unreadable
 result are redone (and the plan says so), and runs whose SLURM job is still queued or running
 are never submitted again. A run's folder records which job holds it (submission.json) before
-the job is submitted, and jobs are found again by their array's unique name and index.
+the job is submitted, and jobs are found again by their array's unique name and index; the
+members of a group share their job's name and index.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from bench.grid import (
     SUBMISSION,
     GridError,
     Profile,
+    RunGroup,
     RunSpec,
     RunState,
     SlurmError,
     available,
     build_grid,
+    group_runs,
     inspect_run,
     live_job,
     load_profile,
@@ -123,7 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "-w", "--wait", action="store_true", help="slurm: follow the jobs until the report job ends"
     )
-    p.add_argument("-j", "--jobs", type=int, help="local: runs at once (default: profile's)")
+    p.add_argument("-j", "--jobs", type=int, help="local: jobs at once (default: profile's)")
+    p.add_argument(
+        "-g",
+        "--group-size",
+        type=int,
+        help="seeds of one config trained together by one job (default: profile's group_size)",
+    )
     p.add_argument(
         "--results", type=Path, default=Path("results"), help="results folder (default: results/)"
     )
@@ -185,7 +197,7 @@ def single_run(args: argparse.Namespace) -> int:
 
     seed = args.seeds if args.seeds and args.seeds.isdigit() else None  # old `-s N`: one seed
     grid_flags = [args.experiments, args.variants, args.seeds and seed is None]
-    grid_flags += [args.report_only, args.wait]
+    grid_flags += [args.report_only, args.wait, args.group_size is not None]
     if any(grid_flags) or args.cluster != "local" or not args.out:
         raise UsageError("-c/--config with -o/--out trains one run; grid options do not apply")
     overrides, profile_words = split_overrides(args.overrides)
@@ -224,6 +236,10 @@ def plan_grid(args: argparse.Namespace) -> tuple[Profile, list[RunSpec], dict[st
             if args.jobs < 1:
                 raise GridError(f"--jobs must be >= 1, got {args.jobs}")
             profile.local.jobs = args.jobs
+        if args.group_size is not None:
+            if args.group_size < 1:
+                raise GridError(f"--group-size must be >= 1, got {args.group_size}")
+            profile.group_size = args.group_size
         experiments = parse_names(
             args.experiments or profile.experiments, available(EXPERIMENTS_DIR), "experiment"
         )
@@ -252,6 +268,19 @@ def print_plan(runs: list[RunSpec], states: list[RunState], everything: bool) ->
     for run, state in zip(runs, states, strict=True):
         if everything or state.status not in ("complete", "new"):
             print(f"  {ACTIONS[state.status]:6s} {run.name:45s} {run.config_hash}  {state.detail}")
+
+
+def print_jobs(jobs: list[RunGroup], group_size: int) -> None:
+    """How the runs to train are split into jobs."""
+    if not jobs:
+        return
+    runs = sum(len(job.runs) for job in jobs)
+    how = f"groups of up to {group_size} seeds" if group_size > 1 else "one run per job"
+    print(f"{_count(runs, 'run')} in {_count(len(jobs), 'job')} ({how})")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def print_broken(broken: dict[str, str]) -> None:
@@ -293,15 +322,16 @@ def run_grid(args: argparse.Namespace) -> int:
         queue = current_queue(args.cluster, results, settle=not args.dry_run)
         states = [inspect_run(r.run_dir, r.config_hash, queue) for r in runs]
         print_plan(runs, states, everything=args.dry_run)
-        todo = [r for r, s in zip(runs, states, strict=True) if s.to_run]
+        jobs = group_runs(runs, states, profile.group_size)
+        print_jobs(jobs, profile.group_size)
         if args.dry_run:
             if slurm:
-                describe_arrays(array_groups(todo, profile), profile)
+                describe_arrays(array_groups(jobs, profile), profile)
             return EXIT_RUNS_FAILED if broken else EXIT_OK
         if slurm:
-            session = submit_slurm(array_groups(todo, profile), profile, results, reports)
+            session = submit_slurm(array_groups(jobs, profile), profile, results, reports)
     if not slurm:
-        run_local(todo, profile, results, args.cluster, progress=not args.no_progress)
+        run_local(jobs, profile, results, args.cluster, progress=not args.no_progress)
         return finish(runs, results, reports, broken, report=True)
     if session is None:  # nothing submitted: all done, or still in the queue from before
         pending = any(s.status in ("queued", "running") for s in states)
@@ -342,15 +372,15 @@ def _local_timeout_min(profile: Profile) -> float:
 
 
 def run_local(
-    runs: list[RunSpec], profile: Profile, results: Path, cluster: str, progress: bool
+    jobs: list[RunGroup], profile: Profile, results: Path, cluster: str, progress: bool
 ) -> None:
-    """Train `runs` here: `profile.local.jobs` worker processes at a time (debug: in-process)."""
+    """Train `jobs` here: `profile.local.jobs` worker processes at a time (debug: in-process)."""
     import submitit
     from tqdm import tqdm
 
     from bench.worker import Worker
 
-    if not runs:
+    if not jobs:
         return
     folder, _ = _new_session_dir(results)
     grace = max(5.0, profile.slurm.signal_delay_s / 2)
@@ -361,37 +391,29 @@ def run_local(
         executor = submitit.LocalExecutor(folder / "%j")
         executor.update_parameters(timeout_min=_local_timeout_min(profile))
         slots, worker = profile.local.jobs, Worker()
-    pending = list(runs)
-    running: list[tuple[Any, RunSpec, float]] = []
-    bar = tqdm(total=len(runs), desc="grid", unit="run", disable=not progress, dynamic_ncols=True)
+    pending = list(jobs)
+    running: list[tuple[Any, RunGroup, float]] = []
+    total = sum(len(group.runs) for group in jobs)
+    bar = tqdm(total=total, desc="grid", unit="run", disable=not progress, dynamic_ncols=True)
     try:
         with bar:
             while pending or running:
                 while pending and len(running) < slots:
-                    run = pending.pop(0)
+                    group = pending.pop(0)
                     submitted_at = time.time()
-                    job = executor.submit(worker, run.task(grace))
-                    atomic_write_json(
-                        run.run_dir / SUBMISSION,
-                        {
-                            "cluster": cluster,
-                            "job_id": str(job.job_id),
-                            "submitted_at": submitted_at,
-                            "submitit_folder": str(folder),
-                            "stdout": str(job.paths.stdout),
-                            "stderr": str(job.paths.stderr),
-                        },
-                    )
-                    running.append((job, run, submitted_at))
+                    job = executor.submit(worker, group.task(grace))
+                    _record_local_submission(group, job, cluster, folder, submitted_at)
+                    running.append((job, group, submitted_at))
                     if cluster == "debug":
                         break  # a DebugJob runs when its result is asked for, just below
                 for entry in list(running):
                     if cluster != "debug" and not entry[0].done():
                         continue
                     running.remove(entry)
-                    line = _collect(*entry)
-                    bar.update(1)
-                    bar.write(line) if progress else print(line, flush=True)
+                    lines = _collect(*entry)
+                    bar.update(len(lines))
+                    for line in lines:
+                        bar.write(line) if progress else print(line, flush=True)
                 if running:
                     time.sleep(0.2)
     except KeyboardInterrupt:
@@ -400,25 +422,51 @@ def run_local(
         raise
 
 
-def _collect(job: Any, run: RunSpec, submitted_at: float) -> str:
-    """Result of a finished local job as one line; a job that died leaves an error result."""
+def _record_local_submission(
+    group: RunGroup, job: Any, cluster: str, folder: Path, submitted_at: float
+) -> None:
+    """submission.json in each member's folder: the local job that holds it."""
+    record = {
+        "cluster": cluster,
+        "job_id": str(job.job_id),
+        "submitted_at": submitted_at,
+        "submitit_folder": str(folder),
+        "stdout": str(job.paths.stdout),
+        "stderr": str(job.paths.stderr),
+    }
+    if len(group.runs) > 1:
+        record["group_seeds"] = group.seeds
+    for run in group.runs:
+        atomic_write_json(run.run_dir / SUBMISSION, record)
+
+
+def _collect(job: Any, group: RunGroup, submitted_at: float) -> list[str]:
+    """Results of a finished local job, one line per run; a job that died leaves error results
+    in the folders of its runs that it did not finish."""
     try:
-        record = job.result()
+        returned = job.result()
+        records = returned if isinstance(returned, list) else [returned]
     except Exception as err:  # the process died (killed, out of memory), or debug re-raised
-        record, _ = read_result(run.run_dir)
-        path = run.run_dir / RESULT
-        if record is None or path.stat().st_mtime < submitted_at:  # nothing from this job
-            record = {
-                "status": "error",
-                "experiment": run.experiment,
-                "variant": run.variant,
-                "seed": run.seed,
-                "config_hash": run.config_hash,
-                "error": f"{_tail(Path(job.paths.stderr))}\n"
-                f"worker process ended without a result: {err}",
-            }
-            atomic_write_json(path, record)
-    return _describe(run, record)
+        records = [_result_or_death(run, job, submitted_at, err) for run in group.runs]
+    return [_describe(run, record) for run, record in zip(group.runs, records, strict=True)]
+
+
+def _result_or_death(run: RunSpec, job: Any, submitted_at: float, err: Exception) -> dict[str, Any]:
+    """The run's result if its (dead) job wrote one, else an error record saying it died."""
+    record, _ = read_result(run.run_dir)
+    path = run.run_dir / RESULT
+    if record is None or path.stat().st_mtime < submitted_at:  # nothing from this job
+        record = {
+            "status": "error",
+            "experiment": run.experiment,
+            "variant": run.variant,
+            "seed": run.seed,
+            "config_hash": run.config_hash,
+            "error": f"{_tail(Path(job.paths.stderr))}\n"
+            f"worker process ended without a result: {err}",
+        }
+        atomic_write_json(path, record)
+    return record
 
 
 def _describe(run: RunSpec, record: dict[str, Any]) -> str:
@@ -444,14 +492,15 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 # ---------------------------------------------------------------------------------------- SLURM
-def array_groups(runs: list[RunSpec], profile: Profile) -> list[list[RunSpec]]:
-    """Runs with identical resources share an array; arrays hold at most max_array_size tasks."""
-    by_resources: dict[str, list[RunSpec]] = {}
-    for run in runs:
-        by_resources.setdefault(json.dumps(asdict(run.resources), sort_keys=True), []).append(run)
+def array_groups(jobs: list[RunGroup], profile: Profile) -> list[list[RunGroup]]:
+    """Jobs with identical resources share an array, one task per job (a run or a group of
+    seeds); arrays hold at most max_array_size tasks."""
+    by_resources: dict[str, list[RunGroup]] = {}
+    for job in jobs:
+        by_resources.setdefault(json.dumps(asdict(job.resources), sort_keys=True), []).append(job)
     size = profile.slurm.max_array_size or cluster_max_array_size()
     return [
-        group[i : i + size] for group in by_resources.values() for i in range(0, len(group), size)
+        tasks[i : i + size] for tasks in by_resources.values() for i in range(0, len(tasks), size)
     ]
 
 
@@ -518,38 +567,46 @@ def check_submission(executor: Any, tasks: int) -> None:
         )
 
 
-def describe_arrays(groups: list[list[RunSpec]], profile: Profile) -> None:
+def _runs_in(array: list[RunGroup]) -> int:
+    return sum(len(job.runs) for job in array)
+
+
+def describe_arrays(arrays: list[list[RunGroup]], profile: Profile) -> None:
     """What would be submitted, each array checked by SLURM (sbatch --test-only)."""
     import tempfile
 
-    if not groups:
+    if not arrays:
         print("nothing to submit")
         return
     with tempfile.TemporaryDirectory() as folder:
-        for k, group in enumerate(groups):
-            params = _executor_params(group[0].resources, profile, f"air-<token>-{k}")
-            check_submission(_slurm_executor(Path(folder), params, profile), len(group))
+        for k, array in enumerate(arrays):
+            params = _executor_params(array[0].resources, profile, f"air-<token>-{k}")
+            check_submission(_slurm_executor(Path(folder), params, profile), len(array))
             shown = {key: v for key, v in params.items() if key != "name"}
-            print(f"array {k}: {len(group)} task(s), {shown} (SLURM accepts it)")
+            print(
+                f"array {k}: {len(array)} task(s) for {_runs_in(array)} run(s), {shown} "
+                "(SLURM accepts it)"
+            )
     print(f"then a report job after all arrays (afterany), {asdict(profile.slurm.report)}")
 
 
 def submit_slurm(
-    groups: list[list[RunSpec]], profile: Profile, results: Path, reports: Path
+    arrays: list[list[RunGroup]], profile: Profile, results: Path, reports: Path
 ) -> dict[str, Any] | None:
-    """Submit the arrays and the report job; returns the session record (None: nothing to do)."""
+    """Submit the arrays (one task per job) and the report job; returns the session record
+    (None: nothing to do)."""
     from bench.worker import Worker
 
-    if not groups:
+    if not arrays:
         print("nothing to submit")
         return None
     folder, token = _new_session_dir(results)
     executors = []
-    for k, group in enumerate(groups):  # check every array before submitting any
+    for k, array in enumerate(arrays):  # check every array before submitting any
         executor = _slurm_executor(
-            folder, _executor_params(group[0].resources, profile, f"air-{token}-{k}"), profile
+            folder, _executor_params(array[0].resources, profile, f"air-{token}-{k}"), profile
         )
-        check_submission(executor, len(group))
+        check_submission(executor, len(array))
         executors.append(executor)
     grace = max(5.0, profile.slurm.signal_delay_s / 2)
     session: dict[str, Any] = {
@@ -559,42 +616,23 @@ def submit_slurm(
         "runs": [],
         "results": str(results),
     }
-    for k, (group, executor) in enumerate(zip(groups, executors, strict=True)):
+    for k, (array, executor) in enumerate(zip(arrays, executors, strict=True)):
         name = f"air-{token}-{k}"
-        for index, run in enumerate(group):  # recorded first: a crash after sbatch can't repeat it
-            atomic_write_json(
-                run.run_dir / SUBMISSION,
-                {
-                    "cluster": "slurm",
-                    "job_name": name,
-                    "array_index": index,
-                    "job_id": None,
-                    "submitted_at": time.time(),
-                    "submitit_folder": str(folder),
-                },
-            )
+        for index, group in enumerate(
+            array
+        ):  # recorded first: a crash after sbatch can't repeat it
+            _record_slurm_submission(group, name, index, folder, job=None)
         try:
             with executor.batch():
-                jobs = [executor.submit(Worker(), run.task(grace)) for run in group]
+                jobs = [executor.submit(Worker(), group.task(grace)) for group in array]
         except Exception as err:
-            for run in group:
-                (run.run_dir / SUBMISSION).unlink(missing_ok=True)
+            for group in array:
+                for run in group.runs:
+                    (run.run_dir / SUBMISSION).unlink(missing_ok=True)
             raise SlurmError(f"submitting array {name} failed: {err}") from err
-        for index, (run, job) in enumerate(zip(group, jobs, strict=True)):
-            atomic_write_json(
-                run.run_dir / SUBMISSION,
-                {
-                    "cluster": "slurm",
-                    "job_name": name,
-                    "array_index": index,
-                    "job_id": job.job_id,
-                    "submitted_at": time.time(),
-                    "submitit_folder": str(folder),
-                    "stdout": str(job.paths.stdout),
-                    "stderr": str(job.paths.stderr),
-                },
-            )
-            session["runs"].append(
+        for index, (group, job) in enumerate(zip(array, jobs, strict=True)):
+            _record_slurm_submission(group, name, index, folder, job=job)
+            session["runs"] += [
                 {
                     "name": run.name,
                     "run_dir": str(run.run_dir),
@@ -602,11 +640,15 @@ def submit_slurm(
                     "array_index": index,
                     "job_id": job.job_id,
                 }
-            )
+                for run in group.runs
+            ]
         array_id = jobs[0].job_id.split("_")[0]
-        session["arrays"].append({"job_id": array_id, "name": name, "tasks": len(group)})
+        runs = _runs_in(array)
+        session["arrays"].append(
+            {"job_id": array_id, "name": name, "tasks": len(array), "runs": runs}
+        )
         print(
-            f"submitted array {array_id} ({name}): {len(group)} run(s), "
+            f"submitted array {array_id} ({name}): {runs} run(s) in {len(array)} task(s), "
             f"at most {profile.slurm.array_parallelism} at once"
         )
     report = _submit_report(session, profile, folder, token, results, reports)
@@ -620,6 +662,27 @@ def submit_slurm(
         f"--dry-run (same options)"
     )
     return session
+
+
+def _record_slurm_submission(
+    group: RunGroup, name: str, index: int, folder: Path, job: Any | None
+) -> None:
+    """submission.json in each member's folder: the array task that holds it. Written before
+    sbatch (job None) and again with the job id, so a run is never submitted twice."""
+    record: dict[str, Any] = {
+        "cluster": "slurm",
+        "job_name": name,
+        "array_index": index,
+        "job_id": job.job_id if job is not None else None,
+        "submitted_at": time.time(),
+        "submitit_folder": str(folder),
+    }
+    if job is not None:
+        record.update(stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))
+    if len(group.runs) > 1:
+        record["group_seeds"] = group.seeds
+    for run in group.runs:
+        atomic_write_json(run.run_dir / SUBMISSION, record)
 
 
 def _submit_report(

@@ -9,6 +9,10 @@ optimiser state (Adam is elementwise, so one Adam over stacked tensors is S inde
 Results stay one folder per seed, in the single-run format: a group can be resumed seed by seed
 and vice versa, and each seed's numbers equal its separate run's up to float rounding.
 
+Like a Trainer, a group honours `stop_requested` (set by the worker on the scheduler's timeout
+signal): every seed is checkpointed after the current iteration and `run` returns partial
+records, which a new group (or single runs) resumes.
+
 Estimators whose loss cannot run under vmap (data-dependent Python control flow, say) are
 detected by a dry run and trained seed after seed instead, with a warning.
 """
@@ -74,6 +78,7 @@ class SeedGroup:
         self.rng: list[dict[str, Any]] = []  # each seed's RNG states, as its own run has them
         self.prior = 0.0  # presence prior of the iteration being trained (read by the loss)
         self.step_times: list[float] = []  # seconds per vectorised step (for bench.perf)
+        self._stop_requested = False
         for cfg in cfgs:
             trainer = Trainer(cfg, data=self.data)  # builds and initialises from cfg.seed
             trainer.prepare()  # restores its checkpoint (and its RNG states) if it has one
@@ -81,8 +86,24 @@ class SeedGroup:
             self.rng.append(_rng_state(self.device))
 
     # ------------------------------------------------------------------ public
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    @stop_requested.setter
+    def stop_requested(self, value: bool) -> None:
+        """Set from outside (a scheduler's timeout signal), as `Trainer.stop_requested`: every
+        seed checkpoints after the current iteration and `run` returns partial records."""
+        self._stop_requested = value
+        for trainer in self.trainers:  # the seed-after-seed fallback runs Trainer._loop
+            trainer.stop_requested = value
+
     def run(self) -> list[dict[str, Any]]:
-        """Train every seed to the end; returns each seed's result record."""
+        """Train every seed to the end; returns each seed's result record.
+
+        After a stop request, seeds that still need training (or their final evaluation) get
+        `{"status": "partial", "iteration": ...}`, like `Trainer.run`; a new group resumes them.
+        """
         pending = [i for i, t in enumerate(self.trainers) if t.needs_training()]
         by_iteration: dict[int, list[int]] = {}
         for i in pending:
@@ -92,8 +113,18 @@ class SeedGroup:
                 self._train_vectorised(members)
             else:
                 for i in members:
+                    if self.stop_requested:
+                        break
                     self._train_alone(i)
-        return [t.finish() for t in self.trainers]
+            if self.stop_requested:
+                break
+        return [self._finish(t) for t in self.trainers]
+
+    def _finish(self, trainer: Trainer) -> dict[str, Any]:
+        # After a stop, no final evaluation is started: S of them could outlast the grace time.
+        if trainer.needs_training() or self.stop_requested:
+            return {"status": "partial", "iteration": trainer.iteration}
+        return trainer.finish()
 
     # ------------------------------------------------------------------ strategies
     def _train_alone(self, i: int) -> None:
@@ -201,8 +232,21 @@ class SeedGroup:
                         trainer.save_checkpoint(rng=self.rng[members[j]])
                 if checkpoint:
                     since_ckpt = time.monotonic()
+            if self.stop_requested:
+                if not checkpoint:  # a lossless stop: every seed saved where it stopped
+                    self._checkpoint_active(members, active, params, buffers, optimiser, template)
+                return
 
     # ------------------------------------------------------------------ helpers
+    def _checkpoint_active(
+        self, members: list[int], active: np.ndarray, params: dict, buffers: dict,
+        optimiser: torch.optim.Optimizer, template: _LossModule,
+    ) -> None:  # fmt: skip
+        for j, i in enumerate(members):
+            if active[j]:
+                self._sync(j, members, params, buffers, optimiser, template)
+                self.trainers[i].save_checkpoint(rng=self.rng[i])
+
     def _functional(self, template: _LossModule):  # noqa: ANN202
         def loss(params, buffers, x, noises):  # noqa: ANN001, ANN202
             return functional_call(template, (params, buffers), (x, noises, self.prior))

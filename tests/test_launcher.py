@@ -22,11 +22,20 @@ import torch
 import run_all
 from bench.config import config_hash, load_config, to_dict
 from bench.gather import RUN_COLUMNS, gather
-from bench.grid import ATTEMPTS, GridError, load_profile, parse_seeds
+from bench.grid import (
+    ATTEMPTS,
+    SUBMISSION,
+    GridError,
+    RunState,
+    group_runs,
+    load_profile,
+    parse_seeds,
+)
 from bench.launcher import parse_args, plan_grid
+from bench.seedgroup import SeedGroup
 from bench.storage import read_json_lines
 from bench.trainer import Trainer, load_checkpoint
-from bench.worker import run_task
+from bench.worker import run_group_task, run_lock, run_task
 from tests.conftest import ROOT, TINY, needs_mnist
 
 SMOKE = ["--profile", "smoke", "--experiments", "count", "--no-progress"]
@@ -87,6 +96,9 @@ def _history(run_dir: Path) -> list[dict]:
         (["lr"], "expected key=value"),
         (["profile.slurm.array_paralelism=2"], "unknown key 'slurm.array_paralelism'"),
         (["--cluster", "slurm", "--jobs", "0"], "--jobs must be >= 1"),
+        (["--group-size", "0"], "--group-size must be >= 1"),
+        (["profile.group_size=0"], "group_size must be >= 1"),
+        (["profile.group_size=ten"], "bad value for 'group_size'"),
     ],
 )
 def test_bad_arguments_exit_2_before_anything_runs(
@@ -143,6 +155,49 @@ def test_grid_identity_and_layers(tmp_path: Path) -> None:
     # The same seed of two variants: same data, different hash and folder.
     same = [r for r in runs if r.experiment == "count" and r.seed == 0]
     assert same[0].cfg.data == same[1].cfg.data and same[0].config_hash != same[1].config_hash
+
+
+def test_group_runs_chunks_the_seeds_of_one_config(tmp_path: Path) -> None:
+    """Jobs hold seeds of one (experiment, variant, config hash), at most group_size of them,
+    and only runs that are to be trained."""
+    grid = _runs(
+        tmp_path, "--experiments", "count,interpolation", "--variants", "air_nvil_fixed,air_vimco",
+        "--seeds", "0-4",
+    )  # fmt: skip
+    other_hash = _runs(tmp_path, "--variants", "air_nvil_fixed", "--seeds", "0-2", "train.lr=1e-3")
+    special = {
+        ("count", "air_nvil_fixed", 1): "complete",
+        ("count", "air_nvil_fixed", 2): "error",
+        ("count", "air_vimco", 0): "partial",
+        ("count", "air_vimco", 3): "queued",
+    }
+    runs = grid + other_hash
+    states = [RunState(special.get((r.experiment, r.variant, r.seed), "new"), "") for r in grid]
+    states += [RunState("new", "") for _ in other_hash]
+    jobs = group_runs(runs, states, 2)
+    assert [(j.runs[0].experiment, j.runs[0].variant, j.seeds) for j in jobs] == [
+        ("count", "air_nvil_fixed", [0, 2]),  # seed 1 is complete; seed 2 retries
+        ("count", "air_nvil_fixed", [3, 4]),
+        ("count", "air_vimco", [0, 1]),
+        ("count", "air_vimco", [2, 4]),  # seed 3 is still queued
+        ("interpolation", "air_nvil_fixed", [0, 1]),
+        ("interpolation", "air_nvil_fixed", [2, 3]),
+        ("interpolation", "air_nvil_fixed", [4]),
+        ("interpolation", "air_vimco", [0, 1]),
+        ("interpolation", "air_vimco", [2, 3]),
+        ("interpolation", "air_vimco", [4]),
+        ("count", "air_nvil_fixed", [0, 1]),  # same variant and seeds, another config hash
+        ("count", "air_nvil_fixed", [2]),
+    ]
+    for job in jobs:
+        assert len({(r.experiment, r.variant, r.config_hash) for r in job.runs}) == 1
+    assert jobs[0].runs[0].config_hash != jobs[-1].runs[0].config_hash
+    task = jobs[0].task(stop_grace_s=7)
+    assert [t["seed"] for t in task["group"]] == [0, 2] and task["stop_grace_s"] == 7
+    singles = group_runs(runs, states, 1)  # the default: one run per job, as always
+    assert [j.runs for j in singles] == [[r] for r, s in zip(runs, states, strict=True) if s.to_run]
+    assert singles[0].task(7) == singles[0].runs[0].task(7)
+    assert [len(j.runs) for j in group_runs(runs, states, 10)] == [4, 4, 5, 5, 3]
 
 
 def test_dry_run_plans_without_touching_disk(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -330,7 +385,74 @@ def test_debug_cluster_runs_in_process(
     assert row.status == "complete" and row.seed == 3 and row.iterations == 12
 
 
+@needs_mnist
+@pytest.mark.usefixtures("keep_threads")
+def test_local_grid_in_seed_groups_equals_one_run_per_job(
+    tmp_path: Path, env: dict[str, str], data_cache: Path
+) -> None:
+    """group_size 2 over 3 seeds: 2 jobs; each seed keeps its own complete folder, with the
+    numbers of the same seed trained alone (what a group_size 1 job runs; here in-process)."""
+    grid = [*SMOKE, "--variants", "air_nvil_fixed", "--seeds", "0-2"]
+    grouped = cli([*grid, "--group-size", "2", *_folders(tmp_path / "grouped")], env)
+    assert grouped.returncode == 0, grouped.stdout + grouped.stderr
+    assert "3 runs in 2 jobs (groups of up to 2 seeds)" in grouped.stdout
+
+    runs = plan_grid(parse_args([*grid, "--results", str(tmp_path / "grouped" / "results")]))[1]
+    jobs = [json.loads((r.run_dir / SUBMISSION).read_text())["job_id"] for r in runs]
+    assert jobs[0] == jobs[1] != jobs[2]  # seeds 0 and 1 in one job, seed 2 in another
+    for run in runs:
+        alone = tmp_path / "single" / run.run_dir.name
+        overrides = [f"out_dir={alone}", f"data.cache_dir={data_cache}"]
+        cfg = load_config([("alone", to_dict(run.cfg))], overrides)
+        Trainer(cfg).run()
+        record = json.loads((run.run_dir / "result.json").read_text())
+        assert record["status"] == "complete" and record["seed"] == run.seed
+        assert record["experiment"] == "count" and record["variant"] == "air_nvil_fixed"
+        assert (run.run_dir / "checkpoint.pt").exists() and (run.run_dir / "config.yaml").exists()
+        _assert_close(record["final"], json.loads((alone / "result.json").read_text())["final"])
+        history, reference = _history(run.run_dir), _history(alone)
+        assert [h["iteration"] for h in history] == [4, 8, 12]
+        for got, expected in zip(history, reference, strict=True):
+            _assert_close(got, expected)
+        (attempt,) = read_json_lines(run.run_dir / ATTEMPTS)
+        assert attempt["end"] == "complete" and attempt["end_iteration"] == 12
+        assert attempt.get("group_seeds") == ([0, 1] if run.seed < 2 else None)
+
+
+def _folders(root: Path) -> list[str]:
+    return ["--results", str(root / "results"), "--reports", str(root / "reports")]
+
+
+def _assert_close(got: dict, expected: dict) -> None:
+    """Equal up to float rounding: a seed group computes each seed's numbers in another order."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+        else:
+            assert got[key] == value, key
+
+
 # ---------------------------------------------------------------------------------- worker
+def _tiny_task(tmp_path: Path, data_cache: Path, seed: int, *overrides: str) -> dict:
+    """A worker task for a tiny run in tmp_path/seed_<seed>."""
+    cfg = load_config(
+        overrides=[
+            *TINY, f"data.cache_dir={data_cache}", "train.threads=1", *overrides, f"seed={seed}",
+            f"out_dir={tmp_path / f'seed_{seed}'}",
+        ]
+    )  # fmt: skip
+    return {
+        "experiment": "count",
+        "variant": "air_nvil_fixed",
+        "seed": seed,
+        "config_hash": config_hash(cfg),
+        "run_dir": cfg.out_dir,
+        "config": to_dict(cfg),
+        "stop_grace_s": 30,
+    }
+
+
 @needs_mnist
 @pytest.mark.usefixtures("keep_threads")
 def test_timeout_signal_checkpoints_at_next_iteration_then_hands_over(
@@ -386,6 +508,111 @@ def test_timeout_signal_checkpoints_at_next_iteration_then_hands_over(
     again = run_task(task)  # a requeued job: resumes where it stopped
     assert again["status"] == "complete"
     assert read_json_lines(tmp_path / "run" / ATTEMPTS)[-1]["start_iteration"] == stopped
+
+
+@needs_mnist
+@pytest.mark.usefixtures("keep_threads")
+def test_timeout_signal_stops_a_seed_group_which_resumes_every_member(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """SIGUSR2 to a group: every member checkpoints after the current iteration, then submitit's
+    handler requeues; the requeued group resumes each member where it stopped."""
+    longer = ["train.iterations=60", "train.checkpoint_every=1000"]
+    tasks = [_tiny_task(tmp_path, data_cache, seed, *longer) for seed in (0, 1)]
+    group = {"group": tasks, "stop_grace_s": 30}
+    handed_over = []
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        handed_over.append(signum)
+        raise SystemExit(-1)  # what submitit does after `scontrol requeue`
+
+    def send_when_training() -> None:
+        while not (tmp_path / "seed_0" / "metrics.jsonl").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    threading.Thread(target=send_when_training, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit):
+            run_group_task(group)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert handed_over == [signal.SIGUSR2]
+    stopped = []
+    for task in tasks:
+        run_dir = Path(task["run_dir"])
+        (attempt,) = read_json_lines(run_dir / ATTEMPTS)
+        assert attempt["end"] == "requeued" and attempt["group_seeds"] == [0, 1]
+        assert 4 <= attempt["end_iteration"] < 60
+        assert (
+            load_checkpoint(run_dir, task["config_hash"])["iteration"] == attempt["end_iteration"]
+        )
+        assert not (run_dir / "result.json").exists()
+        stopped.append(attempt["end_iteration"])
+    assert stopped[0] == stopped[1]  # trained together, stopped together
+
+    again = run_group_task(group)  # the requeued job
+    assert [r["status"] for r in again] == ["complete", "complete"]
+    for task in tasks:
+        attempts = read_json_lines(Path(task["run_dir"]) / ATTEMPTS)
+        assert attempts[-1]["start_iteration"] == stopped[0] and attempts[-1]["end"] == "complete"
+    reference = Trainer(
+        load_config([("ref", tasks[0]["config"])], [f"out_dir={tmp_path / 'reference'}"])
+    ).run()
+    _assert_close(again[0]["final"], reference["final"])
+
+
+@needs_mnist
+@pytest.mark.usefixtures("keep_threads")
+def test_seed_group_leaves_out_complete_locked_and_broken_members(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """Seed 0 is complete, seed 1 is held by another live process, seed 3's checkpoints are
+    unreadable: seeds 2 and 4 train together, seed 3 gets its own error record."""
+    tasks = [_tiny_task(tmp_path, data_cache, seed) for seed in range(5)]
+    dirs = [Path(t["run_dir"]) for t in tasks]
+    dirs[0].mkdir()
+    done = {"status": "complete", "config_hash": tasks[0]["config_hash"], "seed": 0}
+    (dirs[0] / "result.json").write_text(json.dumps(done))
+    dirs[3].mkdir()
+    (dirs[3] / "checkpoint.pt").write_bytes(b"not a checkpoint")
+
+    with run_lock(dirs[1]) as mine:  # another flock on the file: as another process holds it
+        assert mine
+        records = run_group_task({"group": tasks, "stop_grace_s": 30})
+    assert [r["status"] for r in records] == ["complete", "busy", "complete", "error", "complete"]
+    assert records[0] == done and json.loads((dirs[0] / "result.json").read_text()) == done
+    assert not (dirs[1] / "result.json").exists() and not (dirs[1] / ATTEMPTS).exists()
+    assert "CheckpointError" in records[3]["error"] and "Traceback" in records[3]["error"]
+    for k in (2, 4):
+        record = json.loads((dirs[k] / "result.json").read_text())
+        assert record["iterations"] == 12 and record["variant"] == "air_nvil_fixed"
+    ends = {k: read_json_lines(dirs[k] / ATTEMPTS)[-1] for k in (0, 2, 3, 4)}
+    assert [ends[k]["end"] for k in (0, 2, 3, 4)] == ["already complete", "complete", "error",
+                                                     "complete"]  # fmt: skip
+    assert ends[2]["group_seeds"] == [0, 1, 2, 3, 4] and ends[2]["busy_seeds"] == [1]
+    assert ends[2]["start_iteration"] == 0 and ends[2]["end_iteration"] == 12
+
+
+@needs_mnist
+@pytest.mark.usefixtures("keep_threads")
+def test_an_exception_in_a_seed_group_records_every_unfinished_member(
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(self: SeedGroup) -> list:
+        raise RuntimeError("out of GPU memory, say")
+
+    monkeypatch.setattr(SeedGroup, "run", boom)
+    tasks = [_tiny_task(tmp_path, data_cache, seed) for seed in (0, 1)]
+    records = run_group_task({"group": tasks, "stop_grace_s": 30})
+    for task, record in zip(tasks, records, strict=True):
+        assert record["status"] == "error" and record["seed"] == task["seed"]
+        assert "Traceback" in record["error"] and "out of GPU memory" in record["error"]
+        assert json.loads((Path(task["run_dir"]) / "result.json").read_text()) == record
+        assert read_json_lines(Path(task["run_dir"]) / ATTEMPTS)[-1]["end"] == "error"
+    with pytest.raises(RuntimeError, match="out of GPU memory"):  # --cluster debug: to pdb
+        run_group_task({"group": tasks, "stop_grace_s": 30}, raise_errors=True)
 
 
 # ---------------------------------------------------------------------------------- gather

@@ -1,9 +1,11 @@
 """`run_all.py --cluster slurm` end to end on a real single-node SLURM cluster (smoke profile).
 
-One scenario, in the order a user lives it: a grid of 2 variants x 2 seeds goes out as two job
-arrays (max_array_size=3) and a report job; one running task is forced through a timeout
-(SIGUSR2, as SLURM sends it), checkpoints, is requeued and resumes; an invocation while the jobs
-run submits nothing; the report job runs after the arrays; a last invocation submits nothing.
+One scenario, in the order a user lives it: a grid of 2 variants x 3 seeds in groups of up to
+2 seeds (4 jobs: seeds 0-1 trained together, seed 2 alone) goes out as two job arrays
+(max_array_size=3) and a report job; one running group task is forced through a timeout
+(SIGUSR2, as SLURM sends it), checkpoints both seeds, is requeued and resumes both; an
+invocation while the jobs run submits nothing; the report job runs after the arrays; a last
+invocation submits nothing.
 """
 
 from __future__ import annotations
@@ -83,13 +85,14 @@ def test_grid_on_slurm_requeue_resume_and_no_double_submit(
         "--variants",
         VARIANTS,
         "--seeds",
-        "0-1",
+        "0-2",
         "--results",
         str(results),
         "--reports",
         str(reports),
         "--no-progress",
         "profile.slurm.max_array_size=3",
+        "profile.group_size=2",
         *LONGER,
     ]
 
@@ -119,6 +122,7 @@ def test_grid_on_slurm_requeue_resume_and_no_double_submit(
             60,
             "the first run folder",
         )
+        partner = target.parent / "seed_1"  # trained in the same task
         # Caught mid-training: after its first evaluation and checkpoint, before the end.
         _wait_for(
             lambda: len(read_json_lines(target / "metrics.jsonl")) >= 1,
@@ -126,6 +130,7 @@ def test_grid_on_slurm_requeue_resume_and_no_double_submit(
             "the target run's first evaluation",
         )
         job_id = json.loads((target / SUBMISSION).read_text())["job_id"]
+        assert json.loads((partner / SUBMISSION).read_text())["job_id"] == job_id
         job = submitit.SlurmJob(folder=tmp_path / "unused", job_id=job_id)
         job._interrupt(timeout=True)  # SIGUSR2, exactly what SLURM sends before a time limit
 
@@ -143,47 +148,52 @@ def test_grid_on_slurm_requeue_resume_and_no_double_submit(
             first.kill()
     assert first.returncode == 0, out
     assert "submitted array" in out and "report job" in out
+    assert "6 runs in 4 jobs (groups of up to 2 seeds)" in out
 
     session = json.loads(next(results.glob(".submitit/*/session.json")).read_text())
     assert [a["tasks"] for a in session["arrays"]] == [3, 1]  # split at max_array_size
-    assert len(session["runs"]) == 4
+    assert [a["runs"] for a in session["arrays"]] == [5, 1]  # tasks: seeds 0-1, 2, 0-1 | 2
+    assert len(session["runs"]) == 6
     for run_dir in results.glob("count/*/*/seed_*"):
         record = json.loads((run_dir / "result.json").read_text())
         assert record["status"] == "complete" and record["iterations"] == 150, run_dir
         assert record["provenance"]["slurm_job_id"], run_dir
 
-    # The interrupted task checkpointed where it stopped, was requeued, and resumed from there.
-    attempts = read_json_lines(target / ATTEMPTS)
-    assert [a["end"] for a in attempts] == ["requeued", "complete"], attempts
-    stopped_at = attempts[0]["end_iteration"]
-    assert 0 < stopped_at < 150
-    assert attempts[1]["start_iteration"] == stopped_at
-    assert attempts[1]["restart_count"] == "1"  # SLURM_RESTART_COUNT of the requeued job
+    # Both seeds of the interrupted task checkpointed where they stopped, were requeued, and
+    # resumed from there.
     log = Path(json.loads((target / SUBMISSION).read_text())["stderr"]).read_text()
-    assert f"resuming from iteration {stopped_at}" in log
+    for run_dir in (target, partner):
+        attempts = read_json_lines(run_dir / ATTEMPTS)
+        assert [a["end"] for a in attempts] == ["requeued", "complete"], attempts
+        assert attempts[0]["group_seeds"] == [0, 1]
+        stopped_at = attempts[0]["end_iteration"]
+        assert 0 < stopped_at < 150
+        assert attempts[1]["start_iteration"] == stopped_at
+        assert attempts[1]["restart_count"] == "1"  # SLURM_RESTART_COUNT of the requeued job
+        assert f"/{run_dir.name}: resuming from iteration {stopped_at}" in log
 
     # The report job ran after the arrays and gathered every run.
     report = submitit.SlurmJob(Path(session["folder"]) / "%j", session["report"]["job_id"])
     report._results_timeout_s = 5
-    assert report.result()["runs"] == {"complete": 4}
+    assert report.result()["runs"] == {"complete": 6}
     runs_csv = (results / "runs.csv").read_text()
-    assert runs_csv.count(",complete,") == 4
+    assert runs_csv.count(",complete,") == 6
 
     # Everything is complete: a last invocation submits nothing at all.
     names = _job_names()
     last = run()
     assert last.returncode == 0, last.stdout + last.stderr
-    assert "4 runs: 4 to skip" in last.stdout and "nothing to submit" in last.stdout
+    assert "6 runs: 6 to skip" in last.stdout and "nothing to submit" in last.stdout
     assert _job_names() == names
 
 
 @pytest.mark.usefixtures("slurm_cluster")
-def test_run_whose_job_died_is_recorded_and_submitted_again(
+def test_runs_whose_group_job_died_are_recorded_and_submitted_again(
     tmp_path: Path, data_cache: Path
 ) -> None:
     """A job killed from outside (scancel here; a node failure or a hard time limit alike) leaves
-    no result: the next invocation records the run as failed, with the job's state, and submits
-    it again."""
+    no result: the next invocation records each of its runs (here a group of 2 seeds) as failed,
+    with the job's state, and submits them again."""
     results = tmp_path / "results"
     env = {**os.environ, "AIR_CACHE_DIR": str(data_cache)}
     cmd = [
@@ -196,7 +206,9 @@ def test_run_whose_job_died_is_recorded_and_submitted_again(
         "--variants",
         "air_nvil_fixed",
         "--seeds",
-        "0",
+        "0-1",
+        "--group-size",
+        "2",
         "--results",
         str(results),
         "--reports",
@@ -206,8 +218,10 @@ def test_run_whose_job_died_is_recorded_and_submitted_again(
     ]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
-    run_dir = next(results.glob("count/air_nvil_fixed/*/seed_0"))
-    job_id = json.loads((run_dir / SUBMISSION).read_text())["job_id"]
+    assert "2 runs in 1 job (groups of up to 2 seeds)" in first.stdout
+    run_dirs = sorted(results.glob("count/air_nvil_fixed/*/seed_*"))
+    job_id = json.loads((run_dirs[0] / SUBMISSION).read_text())["job_id"]
+    assert json.loads((run_dirs[1] / SUBMISSION).read_text())["job_id"] == job_id
     subprocess.run(["scancel", job_id], check=True)
     _wait_for(
         lambda: (
@@ -224,10 +238,13 @@ def test_run_whose_job_died_is_recorded_and_submitted_again(
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "retry" in again.stdout and f"SLURM job {job_id} ended CANCELLED" in again.stdout
+    assert again.stdout.count(f"SLURM job {job_id} ended CANCELLED") == 2, again.stdout
+    assert "retry  count/air_nvil_fixed/seed_0" in again.stdout
+    assert "retry  count/air_nvil_fixed/seed_1" in again.stdout
     assert "submitted array" in again.stdout
-    resubmitted = json.loads((run_dir / SUBMISSION).read_text())
-    assert resubmitted["job_id"] != job_id
+    resubmitted = [json.loads((d / SUBMISSION).read_text()) for d in run_dirs]
+    assert resubmitted[0]["job_id"] == resubmitted[1]["job_id"] != job_id
+    resubmitted = resubmitted[0]
     subprocess.run(["scancel", f"--name={resubmitted['job_name']}"], check=True)
     subprocess.run(
         ["scancel", f"--name={resubmitted['job_name'].rsplit('-', 1)[0]}-report"], check=True
