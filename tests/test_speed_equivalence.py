@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-import torch.nn.functional as F
 
 from implementations.core.estimators import NVIL
 from implementations.core.model import AIR, ModelConfig
 from implementations.core.spatial import crop, paste
-
-
-def _grid_sample_paste(objects: torch.Tensor, z_where: torch.Tensor, canvas: int) -> torch.Tensor:
-    """The plain spatial transformer: affine_grid + grid_sample (Pyro's AIR does this)."""
-    b, w = objects.shape[0], objects.shape[-1]
-    s, x, y = z_where.unbind(-1)
-    zero = torch.zeros_like(s)
-    theta = torch.stack([torch.stack([s, zero, x], -1), torch.stack([zero, s, y], -1)], 1)
-    grid = F.affine_grid(theta, [b, 1, canvas, canvas], align_corners=False)
-    return F.grid_sample(objects.view(b, 1, w, w), grid, align_corners=False).view(
-        b, canvas, canvas
-    )
-
-
-def _grid_sample_crop(images: torch.Tensor, z_where: torch.Tensor, window: int) -> torch.Tensor:
-    s, x, y = z_where.unbind(-1)
-    inv = torch.stack([1 / s, -x / s, -y / s], -1)
-    b, h, _ = images.shape
-    zero = torch.zeros_like(s)
-    theta = torch.stack(
-        [
-            torch.stack([inv[:, 0], zero, inv[:, 1]], -1),
-            torch.stack([zero, inv[:, 0], inv[:, 2]], -1),
-        ],
-        1,
-    )
-    grid = F.affine_grid(theta, [b, 1, window, window], align_corners=False)
-    return F.grid_sample(images.view(b, 1, h, h), grid, align_corners=False).view(b, window, window)
+from tests.plain_air import grid_sample_crop, grid_sample_paste, plain_forward, plain_nvil_baseline
 
 
 def test_separable_transformer_equals_grid_sample_values_and_gradients() -> None:
@@ -47,8 +20,8 @@ def test_separable_transformer_equals_grid_sample_values_and_gradients() -> None
     ).requires_grad_()  # fmt: skip
     objects = torch.rand(b, 28, 28, generator=g, requires_grad=True)
     images = torch.rand(b, 50, 50, generator=g, requires_grad=True)
-    for fast, plain, inp, size in ((paste, _grid_sample_paste, objects, 50),
-                                   (crop, _grid_sample_crop, images, 28)):  # fmt: skip
+    for fast, plain, inp, size in ((paste, grid_sample_paste, objects, 50),
+                                   (crop, grid_sample_crop, images, 28)):  # fmt: skip
         out_fast, out_plain = fast(inp, z_where, size), plain(inp, z_where, size)
         torch.testing.assert_close(out_fast, out_plain, atol=1e-5, rtol=1e-5)
         weight = torch.randn(out_fast.shape, generator=g)
@@ -91,3 +64,68 @@ def test_old_checkpoint_layout_still_loads() -> None:
     fresh = AIR(model.cfg)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.rnn.image_weight, weight)
+
+
+SMALL = dict(lstm_hidden=32, predict_hidden=16, encoder_hidden=32, decoder_hidden=32, z_what_dim=8)
+TRACE_FIELDS = (
+    *("z_pres", "pres_prob", "ran", "z_where", "z_what", "log_q_pres", "kl_pres"),
+    *("log_ratio_pres", "kl_where", "kl_what", "log_ratio_cont", "canvas", "log_lik"),
+)
+
+
+def _digits_like_images(batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(batch, 50, 50)
+    for b in range(batch):
+        r, c = torch.randint(0, 30, (2,), generator=g).tolist()
+        x[b, r : r + 20, c : c + 16] = torch.rand(20, 16, generator=g) * (b % 3 > 0)
+    return x
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize(
+    "kind", ["air-bernoulli", "air-concrete", "dair-bernoulli", "dair-concrete"]
+)
+def test_fast_model_equals_plain_step_by_step_model(kind: str, sparse: bool) -> None:
+    """The model's forward (batched scoring, decoder and paste after the loop, projection once,
+    separable transformer) gives the plain implementation's trace and gradients.
+
+    The plain one (tests/plain_air.py) runs every step in full with grid_sample, dense
+    projections of [image, latent, h] and torch.distributions terms. The prior probability is
+    high so that many steps are on and every branch of the maths is exercised.
+    """
+    encoder, presence = kind.split("-")
+    torch.manual_seed(0)
+    model = AIR(ModelConfig(dair=encoder == "dair", presence=presence, sparse_images=sparse,
+                            **SMALL))  # fmt: skip
+    est = NVIL(model, NVIL.Params(baseline_hidden=16))
+    x = _digits_like_images(12, seed=1)
+    noise = model.draw_noise(12, x.device, x.dtype)
+    fast = model(x, 0.7, noise=noise)
+    fast_fields = {k: getattr(fast, k) for k in TRACE_FIELDS}
+    plain = plain_forward(model, x, 0.7, noise)
+    assert plain["ran"][1:].sum() > 0, "test images should turn later steps on"
+    g = torch.Generator().manual_seed(2)
+    weights = {k: torch.randn(v.shape, generator=g) for k, v in plain.items()}
+    params = list(model.parameters())
+    grads = {}
+    for name, trace in (("fast", fast_fields), ("plain", plain)):
+        torch.testing.assert_close(trace[k := "z_pres"], plain[k])  # same samples first
+        total = sum((weights[k] * v).sum() for k, v in trace.items() if v.requires_grad)
+        grads[name] = torch.autograd.grad(total, params)
+    for k in TRACE_FIELDS:
+        torch.testing.assert_close(fast_fields[k], plain[k], atol=1e-4, rtol=1e-4, msg=k)
+    names = [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads["fast"], grads["plain"], strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-5, name
+
+    # NVIL's baseline, which shares the image projection and reads the trace's latents.
+    values = est.baseline(x, fast)
+    plain_values = plain_nvil_baseline(est, x, plain)
+    torch.testing.assert_close(values, plain_values, atol=1e-5, rtol=1e-4)
+    w = torch.randn(values.shape, generator=g)
+    base_params = list(est.parameters())
+    fast_grads = torch.autograd.grad((w * values).sum(), base_params)
+    plain_grads = torch.autograd.grad((w * plain_values).sum(), base_params)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6

@@ -205,3 +205,52 @@ def test_run_all_smoke_subprocess(tmp_path: Path, data_cache: Path) -> None:
     bad = subprocess.run([*cmd[:-1], "model.lstm_hiden=32"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "did you mean 'model.lstm_hidden'" in bad.stderr
+
+
+def test_compiled_step_equals_eager_step_and_compiles_once(tiny_config) -> None:
+    """train.compile: same losses and parameters as eager, one graph whatever the prior.
+
+    Sparse images on, so the custom sparse ops are inside the compiled graph; the prior changes
+    every step, as an annealed prior does, and must not trigger recompilation.
+    """
+    from torch._dynamo.utils import counters
+
+    results = {}
+    for compiled in (False, True):
+        flag = "true" if compiled else "false"
+        cfg = tiny_config(f"train.compile={flag}", "model.sparse_images=true", out=flag)
+        trainer = Trainer(cfg)
+        torch.manual_seed(0)
+        x = torch.rand(16, 50, 50) * (torch.rand(16, 50, 50) < 0.1)
+        counters.clear()
+        losses = [trainer.step(x, prior)[0] for prior in (0.5, 0.3, 0.1, 0.01)]
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        results[compiled] = (losses, params)
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
+    for name, eager in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_failed_compilation_falls_back_to_eager(tiny_config, monkeypatch, caplog) -> None:
+    """No C++ compiler (say): the run warns, records why, and trains eagerly to the same loss."""
+    import bench.trainer as trainer_module
+
+    def broken_compile(*args: object) -> object:
+        def call(*a: object) -> None:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(trainer_module, "compile_loss", broken_compile)
+    x = torch.rand(16, 50, 50) * (torch.rand(16, 50, 50, generator=torch.Generator()) < 0.1)
+    losses = []
+    for flag in ("true", "false"):
+        trainer = Trainer(tiny_config(f"train.compile={flag}", out=flag))
+        torch.manual_seed(0)
+        losses.append([trainer.step(x, 0.3)[0] for _ in range(2)])
+        if flag == "true":
+            assert "InvalidCxxCompiler" in trainer.status["compile_failed"]
+            assert "training eagerly instead" in caplog.text
+    assert losses[0] == losses[1]

@@ -143,13 +143,11 @@ class NVIL(Estimator):
         first = torch.cat([x.new_zeros(batch, prev.shape[-1] - 1), x.new_ones(batch, 1)], dim=1)
         images = trace.extras.get("flat_images") or FlatImages(x.reshape(batch, -1), sparse=False)
         gates = self.baseline_rnn.project(images)
-        h = x.new_zeros(batch, self.params.baseline_hidden)
-        c = torch.zeros_like(h)
-        values = []
+        state, hidden = None, []
         for t in range(steps):
-            h, c = self.baseline_rnn.step(gates, first if t == 0 else prev[t - 1], h, c)
-            values.append(self.baseline_out(h).squeeze(-1))
-        return torch.stack(values)
+            state = self.baseline_rnn.step(gates, first if t == 0 else prev[t - 1], state)
+            hidden.append(state[0])
+        return self.baseline_out(torch.stack(hidden)).squeeze(-1)  # the head: all steps at once
 
     def loss(self, model: AIR, x: torch.Tensor, prior_prob: float) -> EstimatorOutput:
         trace = model(x, prior_prob)

@@ -40,7 +40,7 @@ class ModelConfig:
     where_prior_scale: list[float] = field(default_factory=lambda: [0.2, 1.0, 1.0])
     where_scale_init: float = 0.1  # initial posterior sd of z_where (keeps early zooms sane)
     dair: bool = False  # DAIR: the encoder sees the image minus the canvas drawn so far
-    sparse_images: bool | None = None  # sparse image projection; None: single-threaded CPU only
+    sparse_images: bool | None = None  # sparse image projection; None: on CPU, not on GPUs
     presence: str = "bernoulli"  # "bernoulli" (discrete z_pres) or "concrete" (relaxed)
     concrete_temperature: float = 1.0  # temperature of the Concrete relaxation
     concrete_stop: float = 0.99  # relaxed: stop once the running sum of (1 - z_pres) reaches it
@@ -104,45 +104,110 @@ def _gaussian_kl(
     return 0.5 * (var_ratio + mean_term - 1 - var_ratio.log()).sum(-1)
 
 
+def _standard_normal_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc, scale) || N(0, 1)), summed over the last dimension."""
+    var = scale**2
+    return 0.5 * (var + loc**2 - 1 - var.log()).sum(-1)
+
+
+def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, 1), summed over the last dimension."""
+    return (-0.5 * z**2 - 0.5 * LOG_2PI).sum(-1)
+
+
 def _gaussian_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(z; loc, scale), summed over the last dimension."""
     return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
 
 
 class FlatImages:
-    """A batch of flattened images, with sparse copies made once and shared by every user.
+    """A batch of flattened images, and whether to project them as sparse matrices.
 
     Multi-MNIST canvases are ~95 % zeros, so on CPU the image projection (the model's largest
-    matrix product, 2500 x 4H) runs as a sparse-times-dense product; the model and NVIL's
-    baseline both project the same images, so the CSR copies are built once per batch.
+    matrix product, 2500 x 4H) runs as a sparse-times-dense product (`sparse_projection`).
     """
 
     def __init__(self, flat: torch.Tensor, sparse: bool) -> None:
         self.dense = flat
         self.sparse = sparse and not flat.requires_grad
-        self._csr: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images as CSR, transposed images as CSR): for the forward and the weight gradient."""
-        if self._csr is None:
-            with warnings.catch_warnings():  # "CSR support is in beta": the two ops used here
-                warnings.simplefilter("ignore")  # are checked against dense products in tests
-                self._csr = (self.dense.to_sparse_csr(), self.dense.t().to_sparse_csr())
-        return self._csr
 
 
-class _SparseProjection(torch.autograd.Function):
-    """`bias + images @ weight` with sparse images; gradients for weight and bias only."""
+class _CsrCache:
+    """The CSR copies of the last images projected, shared by the model and NVIL's baseline.
 
-    @staticmethod
-    def forward(ctx, images_csr, images_t_csr, weight, bias):  # noqa: ANN001, ANN205
-        ctx.images_t_csr = images_t_csr
-        return torch.addmm(bias, images_csr, weight)
+    Both project the same batch, forward and backward, so its CSR form (and its transpose's)
+    is built once per batch. The cache keeps a reference to the images it was built from, so
+    their memory cannot be reused while the entry lives: an equal data pointer, version counter,
+    shape and strides then means the very same values.
+    """
 
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        grad_weight = torch.sparse.mm(ctx.images_t_csr, grad)  # images^T @ grad, nnz-bound
-        return None, None, grad_weight, grad.sum(0)
+    def __init__(self) -> None:
+        self._entries: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, images: torch.Tensor, transpose: bool) -> torch.Tensor:
+        hit = self._entries.get(transpose)
+        if hit is not None and _same_tensor(hit[0], images):
+            return hit[1]
+        with warnings.catch_warnings():  # "CSR support is in beta": the two products used
+            warnings.simplefilter("ignore")  # here are checked against dense ones in tests
+            csr = (images.t() if transpose else images).to_sparse_csr()
+        self._entries[transpose] = (images, csr)
+        return csr
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a._version == b._version
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+_CSR = _CsrCache()
+
+
+# Custom ops rather than an autograd.Function: torch.compile cannot trace sparse tensors, but
+# it can call an opaque op, so the whole loss still compiles into one graph (`train.compile`).
+@torch.library.custom_op("air::sparse_projection", mutates_args=())
+def sparse_projection(
+    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`bias + images @ weight` computed from the CSR form of `images` (nnz-bound)."""
+    return torch.addmm(bias, _CSR.get(images, transpose=False), weight)
+
+
+@torch.library.custom_op("air::sparse_weight_grad", mutates_args=())
+def sparse_weight_grad(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`images^T @ grad` from the CSR form of `images^T`: the projection's weight gradient."""
+    # Written straight into a fresh buffer with beta=0: torch.sparse.mm zero-fills a temporary
+    # and copies it out, which measured 3x slower than the product itself at 2500 x 1024.
+    out = grad.new_empty(images.shape[1], grad.shape[1])
+    return torch.addmm(out, _CSR.get(images, transpose=True), grad, beta=0, out=out)
+
+
+@sparse_projection.register_fake
+def _(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return images.new_empty(images.shape[0], weight.shape[1])
+
+
+@sparse_weight_grad.register_fake
+def _(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(images.shape[1], grad.shape[1])
+
+
+def _projection_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(inputs[0])
+
+
+def _projection_backward(ctx, grad):  # noqa: ANN001, ANN202
+    (images,) = ctx.saved_tensors
+    return None, sparse_weight_grad(images, grad), grad.sum(0)  # no gradient for the images
+
+
+sparse_projection.register_autograd(_projection_backward, setup_context=_projection_setup)
 
 
 class ImageLSTM(nn.Module):
@@ -164,17 +229,31 @@ class ImageLSTM(nn.Module):
 
     def project(self, images: FlatImages) -> torch.Tensor:
         if images.sparse:
-            csr, csr_t = images.csr()
-            return _SparseProjection.apply(csr, csr_t, self.image_weight, self.image_bias)
+            return sparse_projection(images.dense, self.image_weight, self.image_bias)
         return torch.addmm(self.image_bias, images.dense, self.image_weight)
 
     def step(
-        self, image_gates: torch.Tensor, latent: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+        self,
+        image_gates: torch.Tensor,
+        latent: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = image_gates + self.recurrent(torch.cat([latent, h], dim=1))
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        """One LSTM step from `state` = (h, c); None is the zero state of the first step.
+
+        From the zero state the recurrent product needs only the latent's columns of the
+        weight (h = 0 adds exact zeros) and the forget gate has nothing to forget: a 54-wide
+        product instead of a 310-wide one, with the same values and gradients.
+        """
+        weight = self.recurrent.weight  # (4H, latent + H)
+        if state is None:
+            gates = torch.addmm(image_gates, latent, weight[:, : latent.shape[1]].t())
+        else:
+            gates = torch.addmm(image_gates, torch.cat([latent, state[0]], dim=1), weight.t())
+        # One sigmoid over all four gate blocks (the g block's is unused): fewer ops per step.
+        i, f, _, o = torch.sigmoid(gates).chunk(4, dim=1)
+        g = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
+        c = i * g if state is None else f * state[1] + i * g
+        h = o * torch.tanh(c)
         return h, c
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -245,32 +324,52 @@ class AIR(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, prior_prob: float, sample: bool = True, noise: Noise | None = None
+        self,
+        x: torch.Tensor,
+        prior_prob: float | torch.Tensor,
+        sample: bool = True,
+        noise: Noise | None = None,
     ) -> Trace:
         """Run inference on images `x` (B, H, W) in [0, 1] and score the result.
 
-        `prior_prob` is the current success probability of the geometric presence prior.
+        `prior_prob` is the current success probability of the geometric presence prior: a
+        float, or a 0-d tensor under torch.compile (a float would be baked into the compiled
+        graph and force a recompilation whenever an annealed prior moves).
         `sample=False` takes modes instead of samples (presence on iff its probability >= 0.5).
         `noise` (from `draw_noise`) is drawn from the global RNG when not given.
+
+        Only what the next step needs runs inside the step loop (the LSTM, the heads, the glimpse
+        and its encoding). Everything else is batched over the steps afterwards: each of the
+        ~10 scoring terms is one op over (T, B) rather than T ops over (B,), and for AIR the
+        decoder and the paste run once over T x B objects. Same maths as the step-by-step
+        version in tests/plain_air.py, which tests/test_speed_equivalence.py checks it against.
         """
-        cfg = self.cfg
-        batch = x.shape[0]
-        flat = self.flat_images(x)
-        h = x.new_zeros(batch, cfg.lstm_hidden)
-        c = torch.zeros_like(h)
-        prev_latent = torch.cat(
-            [x.new_zeros(batch, 3 + cfg.z_what_dim), x.new_ones(batch, 1)], dim=1
-        )
-        canvas = torch.zeros_like(x)
-        ran = x.new_ones(batch)  # step t runs only if every earlier step was on
-        image_gates = None if cfg.dair else self.rnn.project(flat)
-        log_prior_on, log_prior_off = math.log(prior_prob), math.log1p(-prior_prob)
-        relaxed = cfg.presence == "concrete"
-        stop_sum = x.new_zeros(batch)  # relaxed: running sum of (1 - z_pres)
-        steps: dict[str, list[torch.Tensor]] = {k: [] for k in _STEP_KEYS}
         if sample and noise is None:
             queued = self.noise_queue.pop(0) if self.noise_queue else None
-            noise = queued or self.draw_noise(batch, x.device, x.dtype)
+            noise = queued or self.draw_noise(x.shape[0], x.device, x.dtype)
+        flat = self.flat_images(x)
+        steps = self._infer(x, flat, noise if sample else None)
+        trace = self._score(x, steps, prior_prob)
+        trace.extras["flat_images"] = flat
+        return trace
+
+    def _infer(
+        self, x: torch.Tensor, flat: FlatImages, noise: Noise | None
+    ) -> dict[str, torch.Tensor]:
+        """The sequential part: each step's latents, stacked to (T, B, ...).
+
+        Modes instead of samples where `noise` is None.
+        """
+        cfg = self.cfg
+        batch, dtype = x.shape[0], x.dtype
+        state = None  # the LSTM's (h, c); None: zeros
+        prev_latent = torch.cat([x.new_zeros(batch, 3 + cfg.z_what_dim), x.new_ones(batch, 1)], 1)
+        canvas = torch.zeros_like(x)  # DAIR only: the encoder sees x minus what is drawn
+        ran = x.new_ones(batch)  # step t runs only if every earlier step was on
+        stop_sum = x.new_zeros(batch)  # relaxed: running sum of (1 - z_pres)
+        relaxed = cfg.presence == "concrete"
+        image_gates = None if cfg.dair else self.rnn.project(flat)
+        steps: dict[str, list[torch.Tensor | None]] = {}
 
         for t in range(cfg.max_steps):
             seen = x - canvas if cfg.dair else x
@@ -278,108 +377,127 @@ class AIR(nn.Module):
                 gates = self.rnn.project(FlatImages(seen.reshape(batch, -1), sparse=False))
             else:
                 gates = image_gates
-            h, c = self.rnn.step(gates, prev_latent, h, c)
-            out = self.predict(h)
+            state = self.rnn.step(gates, prev_latent, state)
+            out = self.predict(state[0])
             pres_logit, where_loc = out[:, 0], out[:, 1:4]
             where_scale = F.softplus(out[:, 4:7])
 
-            # Presence. Sampled first: the window and appearance are only scored when it is on.
-            if relaxed:
-                u = noise.pres[t] if sample else None
-                z_pres, log_q, log_p = self._concrete_presence(pres_logit, prior_prob, u)
-                z_pres = z_pres * ran
-                kl_pres = log_q - log_p  # no closed form for Concrete: one-sample estimate
-            else:
-                if sample:  # u < p is a Bernoulli(p) draw
-                    z_pres = (noise.pres[t] < torch.sigmoid(pres_logit).detach()).to(x.dtype)
-                else:
-                    z_pres = (pres_logit >= 0).to(x.dtype)
-                z_pres = z_pres * ran
-                log_q = z_pres * F.logsigmoid(pres_logit) + (1 - z_pres) * F.logsigmoid(-pres_logit)
-                log_p = z_pres * log_prior_on + (1 - z_pres) * log_prior_off
-                # Closed-form Bernoulli KL (as addtt's PyTorch AIR): same expectation as the
-                # sampled log q - log p, less variance.
-                q_on = torch.sigmoid(pres_logit)
-                kl_pres = q_on * (F.logsigmoid(pres_logit) - log_prior_on) + (1 - q_on) * (
-                    F.logsigmoid(-pres_logit) - log_prior_off
-                )
-            log_q, log_p, kl_pres = log_q * ran, log_p * ran, kl_pres * ran
+            if noise is None:  # modes: on iff q's probability >= 0.5
+                pres_y, z_pres = None, (pres_logit >= 0).to(dtype)
+            elif relaxed:  # binary Concrete: y = (logit + Logistic noise) / temperature
+                u = noise.pres[t].clamp(1e-6, 1 - 1e-6)
+                pres_y = (pres_logit + (u.log() - (-u).log1p())) / cfg.concrete_temperature
+                z_pres = torch.sigmoid(pres_y)
+            else:  # u < p is a Bernoulli(p) draw
+                pres_y = None
+                z_pres = (noise.pres[t] < torch.sigmoid(pres_logit).detach()).to(dtype)
+            z_pres = z_pres * ran
 
-            z_where = where_loc + where_scale * noise.where[t] if sample else where_loc
-            glimpse = crop(seen, z_where, cfg.window).reshape(batch, -1)
-            enc = self.encoder(glimpse)
+            z_where = where_loc if noise is None else where_loc + where_scale * noise.where[t]
+            enc = self.encoder(crop(seen, z_where, cfg.window).reshape(batch, -1))
             what_loc, what_scale = enc[:, : cfg.z_what_dim], F.softplus(enc[:, cfg.z_what_dim :])
-            z_what = what_loc + what_scale * noise.what[t] if sample else what_loc
-            obj = torch.sigmoid(self.decoder(z_what)).view(batch, cfg.window, cfg.window)
-            canvas = canvas + z_pres[:, None, None] * paste(obj, z_where, cfg.canvas)
+            z_what = what_loc if noise is None else what_loc + what_scale * noise.what[t]
+            if cfg.dair:
+                canvas = canvas + z_pres[:, None, None] * self._draw(z_what, z_where)
 
-            on = z_pres
-            zeros_what = torch.zeros_like(what_loc)
-            ones_what = torch.ones_like(what_loc)
-            kl_where = _gaussian_kl(
-                where_loc, where_scale, self.where_prior_loc, self.where_prior_scale
-            )
-            kl_what = _gaussian_kl(what_loc, what_scale, zeros_what, ones_what)
-            log_ratio = (
-                _gaussian_log_prob(z_where, self.where_prior_loc, self.where_prior_scale)
-                - _gaussian_log_prob(z_where, where_loc, where_scale)
-                + _gaussian_log_prob(z_what, zeros_what, ones_what)
-                - _gaussian_log_prob(z_what, what_loc, what_scale)
-            )
-            steps["z_pres"].append(z_pres)
-            steps["pres_prob"].append(torch.sigmoid(pres_logit))
-            steps["ran"].append(ran)
-            steps["z_where"].append(z_where)
-            steps["z_what"].append(z_what)
-            steps["log_q_pres"].append(log_q)
-            steps["kl_pres"].append(kl_pres)
-            steps["log_ratio_pres"].append(log_p - log_q)
-            steps["kl_where"].append(kl_where * on)
-            steps["kl_what"].append(kl_what * on)
-            steps["log_ratio_cont"].append(log_ratio * on)
-
+            latents = dict(pres_logit=pres_logit, pres_y=pres_y, z_pres=z_pres, ran=ran,
+                           where_loc=where_loc, where_scale=where_scale, z_where=z_where,
+                           what_loc=what_loc, what_scale=what_scale, z_what=z_what)  # fmt: skip
+            for k, v in latents.items():
+                steps.setdefault(k, []).append(v)
             if relaxed:
                 # Stop once enough "off" mass has accumulated (so an empty image can stop at
                 # the first step); the stop is a hard decision, not differentiated through.
                 stop_sum = stop_sum + (1 - z_pres)
-                ran = ran * (stop_sum < cfg.concrete_stop).to(x.dtype)
+                ran = ran * (stop_sum < cfg.concrete_stop).to(dtype)
             else:
                 ran = z_pres
             prev_latent = torch.cat([z_where, z_what, z_pres[:, None]], dim=1)
 
-        stacked = {k: torch.stack(v) for k, v in steps.items()}
-        trace = Trace(log_lik=self.log_likelihood(x, canvas), canvas=canvas, **stacked)
-        trace.extras["flat_images"] = flat
-        return trace
+        stacked = {k: torch.stack(v) for k, v in steps.items() if v[0] is not None}
+        if cfg.dair:
+            stacked["canvas"] = canvas
+        return stacked
+
+    def _draw(self, z_what: torch.Tensor, z_where: torch.Tensor) -> torch.Tensor:
+        """Decode objects (N, D) and paste them at z_where (N, 3): (N, canvas, canvas)."""
+        w = self.cfg.window
+        obj = torch.sigmoid(self.decoder(z_what)).view(-1, w, w)
+        return paste(obj, z_where, self.cfg.canvas)
+
+    def _score(
+        self, x: torch.Tensor, s: dict[str, torch.Tensor], prior_prob: float | torch.Tensor
+    ) -> Trace:
+        """Every ELBO term of every step at once, from the stacked (T, B, ...) latents."""
+        cfg = self.cfg
+        z_pres, ran, logit = s["z_pres"], s["ran"], s["pres_logit"]
+        if "canvas" in s:  # DAIR drew it step by step
+            canvas = s["canvas"]
+        else:  # one decoder pass and one paste over all T x B objects
+            steps, batch = z_pres.shape
+            drawn = self._draw(s["z_what"].flatten(0, 1), s["z_where"].flatten(0, 1))
+            canvas = (z_pres[..., None, None] * drawn.view(steps, batch, *x.shape[1:])).sum(0)
+
+        if isinstance(prior_prob, torch.Tensor):
+            log_prior_on, log_prior_off = prior_prob.log(), torch.log1p(-prior_prob)
+        else:
+            log_prior_on, log_prior_off = math.log(prior_prob), math.log1p(-prior_prob)
+        pres_prob = torch.sigmoid(logit)
+        if cfg.presence == "concrete":
+            if "pres_y" in s:
+                temp, y = cfg.concrete_temperature, s["pres_y"]
+                prior_logit = log_prior_on - log_prior_off
+                log_q = _concrete_logit_density(y, logit, temp)
+                log_p = _concrete_logit_density(y, prior_logit, temp)
+            else:  # modes: no density
+                log_q = log_p = torch.zeros_like(logit)
+            kl_pres = log_q - log_p  # no closed form for Concrete: one-sample estimate
+        else:
+            log_on, log_off = F.logsigmoid(logit), F.logsigmoid(-logit)
+            log_q = z_pres * log_on + (1 - z_pres) * log_off
+            log_p = z_pres * log_prior_on + (1 - z_pres) * log_prior_off
+            # Closed-form Bernoulli KL (as addtt's PyTorch AIR): same expectation as the
+            # sampled log q - log p, less variance.
+            kl_pres = pres_prob * (log_on - log_prior_on) + (1 - pres_prob) * (
+                log_off - log_prior_off
+            )
+        log_q, log_p, kl_pres = log_q * ran, log_p * ran, kl_pres * ran
+
+        where_loc, where_scale, z_where = s["where_loc"], s["where_scale"], s["z_where"]
+        what_loc, what_scale, z_what = s["what_loc"], s["what_scale"], s["z_what"]
+        p_loc, p_scale = self.where_prior_loc, self.where_prior_scale
+        log_ratio = (
+            _gaussian_log_prob(z_where, p_loc, p_scale)
+            - _gaussian_log_prob(z_where, where_loc, where_scale)
+            + _standard_normal_log_prob(z_what)
+            - _gaussian_log_prob(z_what, what_loc, what_scale)
+        )
+        on = z_pres  # window and appearance are scored only for steps that are on
+        return Trace(
+            z_pres=z_pres,
+            pres_prob=pres_prob,
+            ran=ran,
+            z_where=z_where,
+            z_what=z_what,
+            log_q_pres=log_q,
+            kl_pres=kl_pres,
+            log_ratio_pres=log_p - log_q,
+            kl_where=_gaussian_kl(where_loc, where_scale, p_loc, p_scale) * on,
+            kl_what=_standard_normal_kl(what_loc, what_scale) * on,
+            log_ratio_cont=log_ratio * on,
+            log_lik=self.log_likelihood(x, canvas),
+            canvas=canvas,
+        )
 
     def flat_images(self, x: torch.Tensor) -> FlatImages:
         """Flattened images, sparse where that is faster (see `ModelConfig.sparse_images`)."""
         sparse = self.cfg.sparse_images
         if sparse is None:
-            # Measured on a 2-core CPU (NVIL AIR, batch 64): one thread, sparse 58 ms against
-            # dense 65 ms per iteration; two threads, dense 43 ms against sparse 45 ms (the dense
-            # product uses both cores, the sparse one does not). GPUs: dense.
-            sparse = x.device.type == "cpu" and torch.get_num_threads() == 1
+            # Measured on a 2-core CPU (NVIL AIR, batch 64, python -m bench.perf): 2 threads,
+            # sparse 35-38 ms against dense 38-45 ms per step; 1 thread, 56 against 64. GPUs:
+            # dense (the sparse path is not measured there).
+            sparse = x.device.type == "cpu"
         return FlatImages(x.reshape(x.shape[0], -1), sparse=sparse)
-
-    def _concrete_presence(
-        self, logit: torch.Tensor, prior_prob: float, uniform: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Relaxed (binary Concrete) presence with Monte Carlo log densities of q and p."""
-        temp = self.cfg.concrete_temperature
-        if uniform is None:  # mode
-            z = (logit >= 0).to(logit.dtype)
-            return z, torch.zeros_like(logit), torch.zeros_like(logit)
-        u = uniform.clamp(1e-6, 1 - 1e-6)
-        noise = u.log() - (-u).log1p()
-        y = (logit + noise) / temp  # logit of the relaxed sample
-        prior_logit = math.log(prior_prob) - math.log1p(-prior_prob)
-        z = torch.sigmoid(y)
-        return (
-            z,
-            _concrete_logit_density(y, logit, temp),
-            _concrete_logit_density(y, prior_logit, temp),
-        )
 
     # ----------------------------------------------------------------------------- scoring
     def log_likelihood(self, x: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
@@ -413,18 +531,3 @@ def _concrete_logit_density(
     """
     d = logit - temp * y
     return math.log(temp) + d - 2 * F.softplus(d)
-
-
-_STEP_KEYS = (
-    "z_pres",
-    "pres_prob",
-    "ran",
-    "z_where",
-    "z_what",
-    "log_q_pres",
-    "kl_pres",
-    "log_ratio_pres",
-    "kl_where",
-    "kl_what",
-    "log_ratio_cont",
-)
