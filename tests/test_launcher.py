@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -479,24 +481,7 @@ def test_timeout_signal_checkpoints_at_next_iteration_then_hands_over(
         "config": to_dict(cfg),
         "stop_grace_s": 30,
     }
-    handed_over = []
-
-    def submitit_handler(signum: int, frame: object) -> None:
-        handed_over.append(signum)
-        raise SystemExit(-1)  # what submitit does after `scontrol requeue`
-
-    def send_when_training() -> None:
-        while not (tmp_path / "run" / "metrics.jsonl").exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    previous = signal.signal(signal.SIGUSR2, submitit_handler)
-    threading.Thread(target=send_when_training, daemon=True).start()
-    try:
-        with pytest.raises(SystemExit):
-            run_task(task)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    handed_over = _signal_while_training(run_task, task, tmp_path / "run" / "metrics.jsonl")
     assert handed_over == [signal.SIGUSR2]
     (attempt,) = read_json_lines(tmp_path / "run" / ATTEMPTS)
     stopped = attempt["end_iteration"]
@@ -520,24 +505,9 @@ def test_timeout_signal_stops_a_seed_group_which_resumes_every_member(
     longer = ["train.iterations=60", "train.checkpoint_every=1000"]
     tasks = [_tiny_task(tmp_path, data_cache, seed, *longer) for seed in (0, 1)]
     group = {"group": tasks, "stop_grace_s": 30}
-    handed_over = []
-
-    def submitit_handler(signum: int, frame: object) -> None:
-        handed_over.append(signum)
-        raise SystemExit(-1)  # what submitit does after `scontrol requeue`
-
-    def send_when_training() -> None:
-        while not (tmp_path / "seed_0" / "metrics.jsonl").exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    previous = signal.signal(signal.SIGUSR2, submitit_handler)
-    threading.Thread(target=send_when_training, daemon=True).start()
-    try:
-        with pytest.raises(SystemExit):
-            run_group_task(group)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    handed_over = _signal_while_training(
+        run_group_task, group, tmp_path / "seed_0" / "metrics.jsonl"
+    )
     assert handed_over == [signal.SIGUSR2]
     stopped = []
     for task in tasks:
@@ -723,3 +693,27 @@ def test_concurrent_gathers_leave_complete_files(tmp_path: Path) -> None:
         assert p.wait() == 0, p.stderr.read()
     assert reads > 0
     assert sorted(f.name for f in root.iterdir() if f.is_file()) == ["evals.csv", "runs.csv"]
+
+
+def _signal_while_training(run: Callable[[dict], Any], task: dict, started: Path) -> list[int]:
+    """Run `run(task)` and send SIGUSR2 once `started` exists, with a stand-in for submitit's
+    handler that requeues (SystemExit); returns the signals the stand-in received."""
+    handed_over = []
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        handed_over.append(signum)
+        raise SystemExit(-1)  # what submitit does after `scontrol requeue`
+
+    def send_when_training() -> None:
+        while not started.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    threading.Thread(target=send_when_training, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit):
+            run(task)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    return handed_over

@@ -150,7 +150,12 @@ class _CsrCache:
             return hit[1]
         with warnings.catch_warnings():  # "CSR support is in beta": the two products used
             warnings.simplefilter("ignore")  # here are checked against dense ones in tests
-            csr = (images.t() if transpose else images).to_sparse_csr()
+            if transpose:  # from the forward's CSR when it is there: half the time of a dense t()
+                forward = self._entries.get(False)
+                source = forward[1].t() if forward and _same_tensor(forward[0], images) else None
+                csr = (source if source is not None else images.t()).to_sparse_csr()
+            else:
+                csr = images.to_sparse_csr()
         self._entries[transpose] = (images, csr)
         return csr
 
