@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,10 @@ def test_run_all_smoke_subprocess(tmp_path: Path, data_cache: Path) -> None:
     assert bad.returncode == 2 and "did you mean 'model.lstm_hidden'" in bad.stderr
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (c++, g++ or clang++); none on PATH",
+)
 def test_compiled_step_equals_eager_step_and_compiles_once(tiny_config) -> None:
     """train.compile: same losses and parameters as eager, one graph whatever the prior.
 
