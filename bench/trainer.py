@@ -210,8 +210,7 @@ class Trainer:
         # Set from outside (a scheduler's timeout signal): checkpoint after this iteration and
         # return a partial result, so a requeued job resumes exactly where this one stopped.
         self.stop_requested = False
-        self._compiled_loss: Any = None  # built on the first step when train.compile is set
-        self._compile_checked = False  # its first call (the compilation) has succeeded
+        self._compiled_loss: Any = None  # train.compile: set once the first call has compiled
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
@@ -342,17 +341,12 @@ class Trainer:
         The parameters are left untouched when the loss or the gradient is not finite (the
         caller records the divergence). `bench.perf` times exactly this.
         """
-        compile_wanted = self.cfg.train.compile and "compile_failed" not in self.status
-        if self._compiled_loss is None and compile_wanted:
-            self._compiled_loss = compile_loss(self.estimator, self.model, self.device)
-        compiled = None
-        if self._compiled_loss is not None:
-            compiled = self._compiled_call(x, prior_prob)
-        if compiled is not None:
-            loss, logs = compiled
-        else:
+        compiled = self._compiled_loss_and_logs(x, prior_prob)
+        if compiled is None:
             out = self.estimator.loss(self.model, x, prior_prob)
             loss, logs = out.loss, out.logs
+        else:
+            loss, logs = compiled
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = self._clip()
@@ -361,24 +355,30 @@ class Trainer:
             self.optimiser.step()
         return loss_value, grad_norm, logs
 
-    def _compiled_call(self, x: torch.Tensor, prior_prob: float) -> tuple | None:
-        """The compiled loss, or None (and eager from now on) if compilation fails."""
+    def _compiled_loss_and_logs(self, x: torch.Tensor, prior_prob: float) -> tuple | None:
+        """(loss, logs) from the compiled loss; None when train.compile is off or has failed.
+
+        The compiled function is kept only once its first call (the compilation) succeeded; if
+        that fails, the run says why, records it in its status and trains eagerly from then on.
+        """
+        if not self.cfg.train.compile or "compile_failed" in self.status:
+            return None
         # The prior as a tensor: a float would be baked into the graph (one recompile per
         # value of an annealed prior).
         prior = torch.tensor(prior_prob, device=self.device)
-        if self._compile_checked:
+        if self._compiled_loss is not None:
             return self._compiled_loss(x, prior)
+        compiled = compile_loss(self.estimator, self.model, self.device)
         try:  # the first call compiles: a missing C++ compiler, say, shows up here
-            result = self._compiled_loss(x, prior)
+            result = compiled(x, prior)
         except Exception as err:  # torch raises many types from its compiler stack
             log.warning(
                 "%s: train.compile failed (%s: %s); training eagerly instead (same maths)",
                 self.run_dir, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
             )  # fmt: skip
-            self._compiled_loss = None
             self.status["compile_failed"] = f"{type(err).__name__}: {err}"[:2000]
             return None
-        self._compile_checked = True
+        self._compiled_loss = compiled
         return result
 
     def accumulate(self, loss_value: float, logs: dict[str, Any]) -> None:

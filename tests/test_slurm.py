@@ -57,6 +57,16 @@ def _job_names() -> list[str]:
     return sorted(set(out.stdout.split()) | set(queued.stdout.split()))
 
 
+def _run_all_on_slurm(tmp_path: Path, *args: str) -> list[str]:
+    """The run_all.py command line of these tests: the smoke profile on the local cluster,
+    results and reports under `tmp_path`, runs long enough (LONGER) to be caught mid-training."""
+    return [
+        sys.executable, "run_all.py", "--cluster", "slurm", "--profile", "smoke",
+        "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
+        "--no-progress", *args, *LONGER,
+    ]  # fmt: skip
+
+
 def _wait_for(check, timeout: float, what: str):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,30 +81,12 @@ def _wait_for(check, timeout: float, what: str):  # noqa: ANN001, ANN202
 def test_grid_on_slurm_requeue_resume_and_no_double_submit(
     tmp_path: Path, data_cache: Path
 ) -> None:
-    results, reports = tmp_path / "results", tmp_path / "reports"
+    results = tmp_path / "results"
     env = {**os.environ, "AIR_CACHE_DIR": str(data_cache)}
-    cmd = [
-        sys.executable,
-        "run_all.py",
-        "--cluster",
-        "slurm",
-        "--profile",
-        "smoke",
-        "--experiments",
-        "count",
-        "--variants",
-        VARIANTS,
-        "--seeds",
-        "0-2",
-        "--results",
-        str(results),
-        "--reports",
-        str(reports),
-        "--no-progress",
-        "profile.slurm.max_array_size=3",
-        "profile.group_size=2",
-        *LONGER,
-    ]
+    cmd = _run_all_on_slurm(
+        tmp_path, "--experiments", "count", "--variants", VARIANTS, "--seeds", "0-2",
+        "profile.slurm.max_array_size=3", "profile.group_size=2",
+    )  # fmt: skip
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -196,26 +188,9 @@ def test_runs_whose_group_job_died_are_recorded_and_submitted_again(
     with the job's state, and submits them again."""
     results = tmp_path / "results"
     env = {**os.environ, "AIR_CACHE_DIR": str(data_cache)}
-    cmd = [
-        sys.executable,
-        "run_all.py",
-        "--cluster",
-        "slurm",
-        "--profile",
-        "smoke",
-        "--variants",
-        "air_nvil_fixed",
-        "--seeds",
-        "0-1",
-        "--group-size",
-        "2",
-        "--results",
-        str(results),
-        "--reports",
-        str(tmp_path / "reports"),
-        "--no-progress",
-        *LONGER,
-    ]
+    cmd = _run_all_on_slurm(
+        tmp_path, "--variants", "air_nvil_fixed", "--seeds", "0-1", "--group-size", "2"
+    )
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "2 runs in 1 job (groups of up to 2 seeds)" in first.stdout

@@ -104,17 +104,6 @@ def _gaussian_kl(
     return 0.5 * (var_ratio + mean_term - 1 - var_ratio.log()).sum(-1)
 
 
-def _standard_normal_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """KL(N(loc, scale) || N(0, 1)), summed over the last dimension."""
-    var = scale**2
-    return 0.5 * (var + loc**2 - 1 - var.log()).sum(-1)
-
-
-def _standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, 1), summed over the last dimension."""
-    return (-0.5 * z**2 - 0.5 * LOG_2PI).sum(-1)
-
-
 def _gaussian_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(z; loc, scale), summed over the last dimension."""
     return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
@@ -471,10 +460,11 @@ class AIR(nn.Module):
         where_loc, where_scale, z_where = s["where_loc"], s["where_scale"], s["z_where"]
         what_loc, what_scale, z_what = s["what_loc"], s["what_scale"], s["z_what"]
         p_loc, p_scale = self.where_prior_loc, self.where_prior_scale
+        standard_loc, standard_scale = z_what.new_zeros(()), z_what.new_ones(())  # z_what's prior
         log_ratio = (
             _gaussian_log_prob(z_where, p_loc, p_scale)
             - _gaussian_log_prob(z_where, where_loc, where_scale)
-            + _standard_normal_log_prob(z_what)
+            + _gaussian_log_prob(z_what, standard_loc, standard_scale)
             - _gaussian_log_prob(z_what, what_loc, what_scale)
         )
         on = z_pres  # window and appearance are scored only for steps that are on
@@ -488,7 +478,7 @@ class AIR(nn.Module):
             kl_pres=kl_pres,
             log_ratio_pres=log_p - log_q,
             kl_where=_gaussian_kl(where_loc, where_scale, p_loc, p_scale) * on,
-            kl_what=_standard_normal_kl(what_loc, what_scale) * on,
+            kl_what=_gaussian_kl(what_loc, what_scale, standard_loc, standard_scale) * on,
             log_ratio_cont=log_ratio * on,
             log_lik=self.log_likelihood(x, canvas),
             canvas=canvas,
