@@ -8,21 +8,17 @@ resources. A run is (experiment, variant, config hash, seed) and lives in
     <results>/<experiment>/<variant>/<config_hash>/seed_<n>/
 
 Its state is read from that folder alone (result.json, checkpoint, submission.json) plus, for
-runs submitted to SLURM, the scheduler's queue; nothing else keeps track of runs.
+runs submitted to SLURM, the scheduler's queue; nothing else keeps track of runs
+(bench/runstate.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import fcntl
-import getpass
-import json
-import os
 import re
-import shutil
-import socket
-import subprocess
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,20 +26,42 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from bench.config import ConfigError, RunConfig, config_hash, to_dict
-from bench.storage import read_json_lines
+from bench.config import ConfigError, RunConfig, config_hash, load_config, to_dict
+from bench.overrides import OverrideError, check_overrides
+from bench.runstate import (
+    ATTEMPTS,
+    LIVE_STATES,
+    LOCK,
+    RESULT,
+    SUBMISSION,
+    RunState,
+    SlurmError,
+    inspect_run,
+    last_evaluated_iteration,
+    live_job,
+    lock_holder,
+    read_json,
+    read_result,
+    slurm_available,
+    slurm_final_states,
+    slurm_queue,
+)
 from bench.variants import Resources, Variant, ensure_registered
 from implementations.core.estimators import ESTIMATORS
+
+# Where each run stands lives in bench/runstate.py; its names are re-exported from here.
+__all__ = [
+    "ATTEMPTS", "LIVE_STATES", "LOCK", "RESULT", "SUBMISSION", "EXPERIMENTS_DIR", "PROFILES_DIR",
+    "Experiment", "GridError", "LocalSettings", "Profile", "RunGroup", "RunSpec", "RunState",
+    "SlurmError", "SlurmSettings", "available", "build_grid", "group_runs", "inspect_run",
+    "last_evaluated_iteration", "live_job", "load_experiment", "load_profile", "lock_holder",
+    "merge_resources", "new_session_dir", "parse_names", "parse_seeds", "read_json",
+    "read_result", "slurm_available", "slurm_final_states", "slurm_queue",
+]  # fmt: skip
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "configs" / "experiments"
 PROFILES_DIR = PROJECT_ROOT / "configs" / "profiles"
-
-# Files of a run folder besides the trainer's config.yaml, metrics.jsonl and checkpoints.
-RESULT = "result.json"
-SUBMISSION = "submission.json"  # which scheduler job holds the run (written before submitting)
-ATTEMPTS = "attempts.jsonl"  # one line per worker process that worked on the run
-LOCK = ".lock"  # flock held by the worker training the run; holds its pid and host
 
 
 class GridError(ValueError):
@@ -118,6 +136,11 @@ def _load_typed(schema_cls: type, path: Path, overrides: list[str] | None = None
         raise GridError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, DictConfig):
         raise GridError(f"{path}: expected a mapping at the top level")
+    if overrides:  # each word alone against the schema: errors name the word, in one line
+        try:
+            check_overrides(schema_cls, overrides, "command-line override", "profile.")
+        except OverrideError as err:
+            raise GridError(str(err)) from err
     source = str(path)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -129,7 +152,8 @@ def _load_typed(schema_cls: type, path: Path, overrides: list[str] | None = None
         key = err.full_key or ""
         raise GridError(f"{source}: unknown key {key!r}{_suggest(key, _keys(schema))}") from err
     except OmegaConfBaseException as err:
-        raise GridError(f"{source}: bad value for {err.full_key!r}: {err.msg}") from err
+        msg = (err.msg or str(err)).splitlines()[0]  # the rest is OmegaConf's internals
+        raise GridError(f"{source}: bad value for {err.full_key!r}: {msg}") from err
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -213,9 +237,10 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.experiment}/{self.variant}/seed_{self.seed}"
 
-    def task(self, stop_grace_s: float) -> dict[str, Any]:
-        """What the worker receives: plain data, so it pickles and logs simply."""
-        return {
+    def task(self, stop_grace_s: float, command: str | None = None) -> dict[str, Any]:
+        """What the worker receives: plain data, so it pickles and logs simply. `command`: the
+        user's command line, for the run's provenance (the worker's own is submitit's)."""
+        task = {
             "experiment": self.experiment,
             "variant": self.variant,
             "seed": self.seed,
@@ -224,6 +249,9 @@ class RunSpec:
             "config": to_dict(self.cfg),
             "stop_grace_s": stop_grace_s,
         }
+        if command:
+            task["command"] = command
+        return task
 
 
 @dataclass
@@ -240,11 +268,12 @@ class RunGroup:
     def resources(self) -> Resources:
         return self.runs[0].resources  # one variant: the same resources for every member
 
-    def task(self, stop_grace_s: float) -> dict[str, Any]:
+    def task(self, stop_grace_s: float, command: str | None = None) -> dict[str, Any]:
         """The worker's task: a single run's as it always was, or the list of member tasks."""
         if len(self.runs) == 1:
-            return self.runs[0].task(stop_grace_s)
-        return {"group": [r.task(stop_grace_s) for r in self.runs], "stop_grace_s": stop_grace_s}
+            return self.runs[0].task(stop_grace_s, command)
+        members = [r.task(stop_grace_s, command) for r in self.runs]
+        return {"group": members, "stop_grace_s": stop_grace_s}
 
 
 def group_runs(runs: list[RunSpec], states: list[RunState], group_size: int) -> list[RunGroup]:
@@ -284,7 +313,13 @@ def build_grid(
     overrides: list[str],
     results_root: Path,
 ) -> list[RunSpec]:
-    """Every run, with its config resolved and checked (ConfigError names the pair at fault)."""
+    """Every run, with its config resolved and checked. A bad command-line override is a
+    ConfigError about the override alone; one that fails only with some experiment x variant
+    pair names the pair."""
+    try:
+        check_overrides(RunConfig, overrides, "command-line override")
+    except OverrideError as err:
+        raise ConfigError(str(err)) from err
     runs = []
     profile_layer = ("profile: config", profile.config)
     for exp_name in experiments:
@@ -297,6 +332,8 @@ def build_grid(
                 ensure_registered(base.estimator.name)
                 ESTIMATORS[base.estimator.name].parse_params(dict(base.estimator.params))
             except (ConfigError, TypeError, ValueError) as err:
+                if overrides and _fails_alone(overrides, err):
+                    raise ConfigError(f"command-line override: {err}") from err
                 raise ConfigError(f"{exp_name} x {variant.name}: {err}") from err
             digest = config_hash(base)
             resources = merge_resources(profile.resources, variant.spec.resources)
@@ -307,189 +344,19 @@ def build_grid(
     return runs
 
 
-# ---------------------------------------------------------------------------------------- state
-def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(record, None), (None, why it is unreadable), or (None, None) when there is none."""
-    path = run_dir / RESULT
+def _fails_alone(overrides: list[str], err: Exception) -> bool:
+    """Whether the overrides over the schema defaults alone fail with the same error (then it
+    is about them, whatever the experiment and variant)."""
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as err:
-        return None, f"{RESULT} is unreadable ({type(err).__name__}: {err})"
-    if not isinstance(record, dict) or "status" not in record:
-        return None, f"{RESULT} has no 'status' field"
-    return record, None
+        load_config(overrides=[*overrides, "seed=0"])
+    except (ConfigError, TypeError, ValueError) as alone:
+        return str(alone) == str(err)
+    return False
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def lock_holder(run_dir: Path) -> str | None:
-    """'pid N on HOST' if a live process on this host holds the run, else None.
-
-    The worker holds an flock on the lock file while it trains; the kernel drops it when the
-    holder dies (even by SIGKILL). So the flock, not the pid written inside, says whether the
-    run is held: a killed worker can linger as a zombie whose pid still answers kill(pid, 0).
-    A holder on another host is only known through SLURM.
-    """
-    holder = read_json(run_dir / LOCK)
-    if not holder or holder.get("host") != socket.gethostname():
-        return None
-    try:
-        fd = os.open(run_dir / LOCK, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return f"pid {holder.get('pid')} on {holder['host']}"
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def last_evaluated_iteration(run_dir: Path) -> int | None:
-    try:
-        history = read_json_lines(run_dir / "metrics.jsonl")
-    except (OSError, ValueError):
-        return None
-    return history[-1].get("iteration") if history else None
-
-
-# SLURM states in which a job may still train the run: never submit it again then.
-LIVE_STATES = {
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "REQUEUE_HOLD",
-    "REQUEUE_FED",
-    "CONFIGURING",
-    "COMPLETING",
-    "SUSPENDED",
-    "RESIZING",
-    "SIGNALING",
-    "STAGE_OUT",
-    "RESV_DEL_HOLD",
-    "SPECIAL_EXIT",
-    "PREEMPTED",
-    "STOPPED",
-}
-
-
-class SlurmError(RuntimeError):
-    """The SLURM commands are missing or the controller does not answer."""
-
-
-def slurm_available() -> bool:
-    return all(shutil.which(c) for c in ("sbatch", "squeue", "sacct", "scontrol"))
-
-
-def slurm_queue() -> dict[tuple[str, int], tuple[str, str]]:
-    """Live jobs of this user: (job name, array index) -> (job id, state), array tasks expanded.
-
-    Runs are matched by the unique job name of their array and their index in it, not by job
-    id alone: job ids restart at 1 on a purged cluster (SLURM_NOTES pitfall 9).
-    """
-    cmd = ["squeue", "--noheader", "--array", f"--user={getpass.getuser()}", "--format=%i|%j|%K|%T"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SlurmError(f"squeue failed: {err}") from err
-    if out.returncode != 0:
-        raise SlurmError(f"squeue failed: {out.stderr.strip() or out.returncode}")
-    live = {}
-    for line in out.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) != 4 or parts[3] not in LIVE_STATES:
-            continue
-        job_id, name, index, state = parts
-        # A job that is not an array (submitit submits a one-run batch as a plain job) is index 0.
-        live[(name, int(index) if index.isdigit() else 0)] = (job_id, state)
-    return live
-
-
-def slurm_final_states(job_ids: list[str]) -> dict[str, str]:
-    """Accounting state (TIMEOUT, FAILED, CANCELLED, ...) of finished jobs; {} if unknown."""
-    if not job_ids:
-        return {}
-    cmd = [
-        "sacct",
-        "--noheader",
-        "--parsable2",
-        "--allocations",
-        "--format=JobID,State",
-        f"--jobs={','.join(job_ids)}",
-    ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, _, state = line.partition("|")
-        states[job_id] = state.split()[0] if state else ""
-    return states
-
-
-@dataclass
-class RunState:
-    """Where a run stands, and what the launcher does about it."""
-
-    status: str  # complete | error | timeout | corrupt | partial | new | queued | running
-    detail: str  # one line for people
-    job_id: str | None = None  # SLURM job holding the run, if any
-
-    @property
-    def to_run(self) -> bool:
-        return self.status in ("error", "timeout", "corrupt", "partial", "new")
-
-
-def live_job(
-    run_dir: Path, queue: dict[tuple[str, int], tuple[str, str]] | None
-) -> tuple[str, str] | None:
-    """(job id, state) of the SLURM job that holds the run, if it is still queued or running."""
-    record = read_json(run_dir / SUBMISSION)
-    if queue is None or not record or record.get("cluster") != "slurm":
-        return None
-    return queue.get((record.get("job_name", ""), int(record.get("array_index", 0))))
-
-
-def inspect_run(
-    run_dir: Path, expected_hash: str, queue: dict[tuple[str, int], tuple[str, str]] | None
-) -> RunState:
-    """The run's state from its folder and the SLURM queue (None: not consulted)."""
-    job = live_job(run_dir, queue)
-    if job is not None:
-        status = "running" if job[1] in ("RUNNING", "COMPLETING") else "queued"
-        return RunState(status, f"{status} on SLURM as job {job[0]} ({job[1]})", job[0])
-    holder = lock_holder(run_dir)
-    if holder is not None:
-        return RunState("running", f"being trained by {holder}")
-    record, problem = read_result(run_dir)
-    if problem is not None:
-        return RunState("corrupt", f"redo: {problem}")
-    if record is not None:
-        status = record["status"]
-        if status == "complete" and record.get("config_hash") == expected_hash:
-            return RunState("complete", f"complete ({record.get('outcome')})")
-        if status in ("error", "timeout"):
-            return RunState(status, f"retry after {status}: {_last_line(record.get('error'))}")
-        return RunState("corrupt", f"redo: {RESULT} has status {status!r} / another config hash")
-    if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists():
-        it = last_evaluated_iteration(run_dir)
-        where = f" (last evaluation at iteration {it})" if it is not None else ""
-        return RunState("partial", f"resume from its checkpoint{where}")
-    return RunState("new", "new")
-
-
-def _last_line(text: Any) -> str:
-    lines = [ln for ln in str(text or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else "(no message)"  # a traceback's last line says most
+def new_session_dir(results: Path) -> tuple[Path, str]:
+    """A fresh submitit folder per invocation (SLURM_NOTES pitfall 9: job ids get reused)."""
+    token = secrets.token_hex(3)
+    folder = results / ".submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{token}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, token

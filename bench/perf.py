@@ -17,6 +17,7 @@ import platform
 import resource
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config import load_config
+from bench.config import RunConfig, load_config
 from bench.data.multi_mnist import MultiMnistSpec, load_or_generate
 from bench.evaluate import to_float_images
+from bench.overrides import OverrideError, check_overrides
 from bench.provenance import device_name
 from bench.runtime import keep_freed_memory
 from bench.storage import atomic_write_json, atomic_write_text
@@ -170,24 +172,77 @@ def benchmark_groups(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("-v", "--variants", nargs="*", help="variants to time (default: all valid)")
-    p.add_argument("-d", "--device", default="cpu", help="cpu or cuda")
-    p.add_argument("-n", "--iterations", type=int, default=200, help="timed iterations")
-    p.add_argument("-w", "--warmup", type=int, default=20, help="untimed warm-up iterations")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.perf",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-v",
+        "--variants",
+        nargs="*",
+        default=[],
+        help="variants to time, comma- or space-separated: a,b or a b (default: every valid "
+        "variant)",
+    )
+    p.add_argument("-d", "--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "-n", "--iterations", type=int, default=200, help="timed iterations (default: %(default)s)"
+    )
+    p.add_argument(
+        "-w",
+        "--warmup",
+        type=int,
+        default=20,
+        help="untimed warm-up iterations (default: %(default)s)",
+    )
     p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("-o", "--out", default="results/perf", help="folder for perf.json / perf.csv")
+    p.add_argument(
+        "-o",
+        "--out",
+        default="results/perf",
+        help="folder for perf.json / perf.csv (default: %(default)s)",
+    )
     p.add_argument(
         "-g",
         "--group-sizes",
-        type=int,
         nargs="*",
         default=[],
-        help="also time S seeds trained together (e.g. 1 4 16), first variant only",
+        help="also time S seeds trained together, first variant only: 1,4,16 or 1 4 16 "
+        "(default: none)",
     )
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every variant")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every variant, e.g. train.compile=true (default: none)",
+    )
     args = p.parse_args(argv)
+    # `-v a b train.lr=1e-3`: the list options also swallow the overrides after them.
+    for name in ("variants", "group_sizes"):
+        words = getattr(args, name)
+        args.overrides = [*(w for w in words if "=" in w), *args.overrides]
+        setattr(args, name, _split_commas([w for w in words if "=" not in w]))
+    try:
+        args.group_sizes = [int(g) for g in args.group_sizes]
+    except ValueError:
+        p.error(f"--group-sizes: expected integers, got {args.group_sizes}")
+    try:
+        check_overrides(RunConfig, args.overrides, "config override")
+    except OverrideError as err:
+        p.error(str(err))
+    return args
+
+
+def _split_commas(words: list[str]) -> list[str]:
+    """['a,b', 'c'] -> ['a', 'b', 'c']: lists are accepted with commas (as run_all.py takes
+    them) or spaces."""
+    return [w.strip() for word in words for w in word.split(",") if w.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants or sorted(found.variants)
     unknown = [n for n in names if n not in found.variants]
     if unknown:
-        p.error(f"unknown or broken variant(s) {unknown}; valid: {sorted(found.variants)}")
+        print(
+            f"python -m bench.perf: error: unknown or broken variant(s) {unknown}; "
+            f"valid: {sorted(found.variants)}",
+            file=sys.stderr,
+        )
+        return 2
     base = load_config(overrides=args.overrides)
     spec = MultiMnistSpec(n_images=2048, split="train", seed=base.data.seed)
     images = load_or_generate(spec, data_dir=base.data.data_dir, cache_dir=base.data.cache_dir)

@@ -7,9 +7,10 @@ record when the run completes, or `{"status": "error"|"timeout", "error": <trace
 when it fails, so one bad run never stops the grid.
 
 A group task (`{"group": [run task, ...]}`, profile `group_size` > 1) trains its members
-together (`bench.seedgroup.SeedGroup`) and treats each like a single run: its own lock (a member
-another process holds is left out), attempts line, result file and error record. One member
-that diverges or whose checkpoint is unreadable does not stop the others.
+together (`bench.seedgroup.SeedGroup`; bench/worker_group.py) and treats each like a single
+run: its own lock (a member another process holds is left out), attempts line, result file and
+error record. One member that diverges or whose checkpoint is unreadable does not stop the
+others.
 
 Timeouts and preemption: SLURM (or submitit's local controller) sends SIGUSR2 before the time
 limit. submitit's own handler would requeue at once and lose the work since the last periodic
@@ -17,6 +18,13 @@ checkpoint; the worker instead asks the trainer to stop after the current iterat
 checkpoint there, and only then hands over to submitit's handler, which requeues the job. If
 the trainer does not stop within `stop_grace_s` (it may be in the final evaluation), the
 handler runs anyway and the run resumes from its last checkpoint.
+
+Interrupts: SIGINT (Ctrl-C) and SIGTERM (`kill`, or `run_all.py` stopping its local jobs) are
+turned into the same stop after the current iteration; the run checkpoints there and its
+result.json says "interrupted" (replacing any earlier error), which the next `run_all.py`
+resumes. Nothing is raised into the training step, so a compiled graph is never cut in half,
+and an exception that still arrives while a stop is under way is recorded as the interruption
+it is, never as an error. Under SLURM, SIGTERM stays submitit's (bench/stopping.py).
 
 Every worker process appends one line to the run's attempts.jsonl: where it started and
 stopped, why it ended, its SLURM job and restart count, and for a group the seeds in it.
@@ -30,12 +38,10 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +50,9 @@ from submitit.core.utils import UncompletedJobError
 
 from bench.config import RunConfig, config_hash, load_config
 from bench.grid import ATTEMPTS, LOCK, RESULT, read_result
-from bench.seedgroup import SeedGroup
+from bench.stopping import StopOnSignal
 from bench.storage import append_json_line, atomic_write_json
-from bench.trainer import CheckpointError, Trainer, load_checkpoint
+from bench.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -88,52 +94,12 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-class StopOnSignal:
-    """Turns the scheduler's timeout/preemption signal into a checkpoint at the next iteration.
+def run_group_task(task: dict[str, Any], raise_errors: bool = False) -> list[dict[str, Any]]:
+    """Train, resume or skip the seeds of a group task together; one record per member, in
+    the task's order (bench/worker_group.py)."""
+    from bench.worker_group import train_group_task
 
-    `target` is what trains: a Trainer or a SeedGroup. Both read their `stop_requested` flag
-    after every iteration, checkpoint and return partial results.
-    """
-
-    def __init__(self, grace_s: float) -> None:
-        self.grace_s = grace_s
-        self.original = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
-        self.target: Trainer | SeedGroup | None = None
-        self.signum: int | None = None
-        self._timer: threading.Timer | None = None
-        # Only inside submitit (local or SLURM) is there a handler to hand over to.
-        self.active = callable(self.original)
-        if self.active:
-            signal.signal(signal.SIGUSR2, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signum is not None or self.target is None:
-            self.original(signum, frame)  # second signal, or nothing to save yet: requeue now
-            return
-        log.warning("signal %d: checkpointing after the current iteration, then requeueing", signum)
-        self.signum = signum
-        self.target.stop_requested = True
-        self._timer = threading.Timer(self.grace_s, os.kill, (os.getpid(), signum))
-        self._timer.daemon = True
-        self._timer.start()
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def requeue(self) -> None:
-        """Hand over to submitit: it pickles the task again, requeues the job and exits."""
-        self.cancel()
-        self.original(self.signum, None)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def restore(self) -> None:
-        self.cancel()
-        if self.active:
-            signal.signal(signal.SIGUSR2, self.original)
+    return train_group_task(task, raise_errors=raise_errors)
 
 
 def _job_id() -> str | None:
@@ -156,6 +122,7 @@ def _new_attempt() -> dict[str, Any]:
         "pid": os.getpid(),
         "slurm_job_id": _job_id(),
         "restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 
@@ -180,6 +147,9 @@ def run_task(task: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]
             attempt["end"] = "timeout"
             return _record_failure(task, "timeout", err)
         except Exception as err:
+            if stopper.interrupted:  # what a stop cut short is an interruption, not a crash
+                attempt["end"] = "interrupted"
+                return _record_interrupted(task, stopper.interrupt_signum, None, err)
             attempt["end"] = "error"
             record = _record_failure(task, "error", err)
             if raise_errors:
@@ -188,8 +158,14 @@ def run_task(task: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]
         except SystemExit:
             attempt.setdefault("end", "requeued")  # submitit's handler requeued and exits
             raise
+        except KeyboardInterrupt as err:  # a second Ctrl-C, or one before training started
+            attempt["end"] = "interrupted"
+            record = _record_interrupted(task, stopper.interrupt_signum, None, err)
+            if stopper.interrupted:
+                return record
+            raise
         except BaseException:
-            attempt["end"] = "interrupted"  # Ctrl-C, or a kill the process could see
+            attempt["end"] = "interrupted"  # a kill the process could see
             raise
         finally:
             stopper.restore()
@@ -227,8 +203,11 @@ def _complete_record(task: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _save_result(task: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's record with the run's grid identity added, written atomically."""
+    """The trainer's record with the run's grid identity and the user's command line added
+    (the worker's own command is submitit's), written atomically."""
     result = {**result, "experiment": task["experiment"], "variant": task["variant"]}
+    if task.get("command"):
+        result["provenance"] = {**(result.get("provenance") or {}), "command": task["command"]}
     atomic_write_json(Path(task["run_dir"]) / RESULT, result)
     return result
 
@@ -244,6 +223,10 @@ def _train(
     trainer = Trainer(cfg)
     stopper.target = trainer
     result = trainer.run()
+    if result["status"] == "partial" and stopper.interrupted:
+        attempt["end"] = "interrupted"
+        log.info("%s: checkpointed at iteration %d; stopped", run_dir, trainer.iteration)
+        return _record_interrupted(task, stopper.interrupt_signum, trainer.iteration)
     if result["status"] == "partial" and stopper.requested:
         attempt["end"] = "requeued"
         log.info("%s: checkpointed at iteration %d; requeueing", run_dir, trainer.iteration)
@@ -255,138 +238,14 @@ def _train(
     return _save_result(task, result)
 
 
-# ---------------------------------------------------------------------------------------- groups
-@dataclass
-class _Member:
-    """One run of a group task, as this process works on it."""
-
-    task: dict[str, Any]
-    attempt: dict[str, Any] = field(default_factory=_new_attempt)
-    record: dict[str, Any] | None = None  # set once the run is complete, skipped or failed
-    trainer: Trainer | None = None  # its trainer inside the SeedGroup, once built
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.task["run_dir"])
-
-
-def run_group_task(task: dict[str, Any], raise_errors: bool = False) -> list[dict[str, Any]]:
-    """Train, resume or skip the seeds of a group task together; one record per member, in
-    the task's order (a member another live process holds: `{"status": "busy"}`)."""
-    tasks = task["group"]
-    if len(tasks) == 1:
-        return [run_task(tasks[0], raise_errors=raise_errors)]
-    _setup_logging()
-    seeds = [t["seed"] for t in tasks]
-    with ExitStack() as locks:  # every lock held until the group is done
-        slots: list[_Member | dict[str, Any]] = [
-            _Member(t) if locks.enter_context(run_lock(Path(t["run_dir"]))) else _busy(t)
-            for t in tasks
-        ]
-        members = [m for m in slots if isinstance(m, _Member)]
-        busy = [t["seed"] for t, m in zip(tasks, slots, strict=True) if not isinstance(m, _Member)]
-        for member in members:
-            member.attempt.update(group_seeds=seeds, busy_seeds=busy)
-        _run_members(members, float(task.get("stop_grace_s", 60)), raise_errors)
-        return [m.record if isinstance(m, _Member) else m for m in slots]  # type: ignore[misc]
-
-
-def _run_members(members: list[_Member], grace_s: float, raise_errors: bool) -> None:
-    """The group's training with the single-run path's failure handling, member by member."""
-    stopper = StopOnSignal(grace_s)
-    try:
-        _train_members(members, stopper, raise_errors)
-    except UncompletedJobError as err:  # submitit: timed out too many times
-        _fail_unfinished(members, "timeout", err)
-    except Exception as err:
-        _fail_unfinished(members, "error", err)
-        if raise_errors:
-            raise
-    except SystemExit:
-        for member in members:
-            member.attempt.setdefault("end", "requeued")  # submitit's handler requeued
-        raise
-    except BaseException:
-        for member in members:
-            member.attempt.setdefault("end", "interrupted")
-        raise
-    finally:
-        stopper.restore()
-        for member in members:
-            _append_attempt(member)
-
-
-def _train_members(members: list[_Member], stopper: StopOnSignal, raise_errors: bool) -> None:
-    todo: list[tuple[_Member, RunConfig]] = []
-    broken: list[Exception] = []
-    for member in members:
-        cfg = _task_config(member.task)
-        done = _complete_record(member.task)
-        if done is not None:
-            member.record, member.attempt["end"] = done, "already complete"
-        elif (err := _checkpoint_error(cfg)) is not None:
-            member.record = _record_failure(member.task, "error", err)
-            member.attempt["end"] = "error"
-            broken.append(err)
-        else:
-            todo.append((member, cfg))
-    if todo:
-        _train_together(todo, stopper)
-    if broken and raise_errors:
-        raise broken[0]  # --cluster debug: to pdb, once the others have trained
-
-
-def _checkpoint_error(cfg: RunConfig) -> CheckpointError | None:
-    """Why the run's checkpoint cannot be resumed, if it cannot. Checked before the group is
-    built (which reads it again): one unreadable checkpoint must not fail its whole group at
-    every retry."""
-    try:
-        load_checkpoint(Path(cfg.out_dir), config_hash(cfg))
-    except CheckpointError as err:
-        return err
-    return None
-
-
-def _train_together(todo: list[tuple[_Member, RunConfig]], stopper: StopOnSignal) -> None:
-    group = SeedGroup([cfg for _, cfg in todo])
-    for (member, _), trainer in zip(todo, group.trainers, strict=True):
-        member.trainer = trainer
-    stopper.target = group
-    results = group.run()
-    for (member, _), result in zip(todo, results, strict=True):
-        if result["status"] == "complete":
-            member.record, member.attempt["end"] = _save_result(member.task, result), "complete"
-    unfinished = [m for m, _ in todo if m.record is None]
-    if unfinished and stopper.requested:
-        for member in unfinished:
-            member.attempt["end"] = "requeued"
-        log.info("seeds %s: checkpointed; requeueing", [m.task["seed"] for m in unfinished])
-        stopper.requeue()  # exits the process (SystemExit) once the job is requeued
-    stopper.cancel()
-    if unfinished:
-        where = {m.task["seed"]: m.trainer.iteration for m in unfinished if m.trainer}
-        raise RuntimeError(f"training stopped early (seed: iteration) {where}")
-
-
-def _fail_unfinished(members: list[_Member], status: str, err: BaseException) -> None:
-    """After an exception in the group: each member that did not complete gets an error (or
-    timeout) record with the traceback; one the trainer did finish keeps its result."""
-    for member in members:
-        if member.record is not None:
-            continue
-        done = _complete_record(member.task)  # Trainer.finish wrote it before the exception
-        if done is not None:
-            member.record, member.attempt["end"] = _save_result(member.task, done), "complete"
-        else:
-            member.record, member.attempt["end"] = _record_failure(member.task, status, err), status
-
-
-def _append_attempt(member: _Member) -> None:
-    member.attempt["ended_at"] = time.time()
-    if member.trainer is not None:
-        member.attempt["start_iteration"] = member.trainer.start_iteration
-        member.attempt["end_iteration"] = member.trainer.iteration
-    append_json_line(member.run_dir / ATTEMPTS, member.attempt)
+def _failure_provenance(task: dict[str, Any], when: str) -> dict[str, Any]:
+    return {
+        "host": socket.gethostname(),
+        "slurm_job_id": _job_id(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "command": task.get("command"),
+        when: time.time(),
+    }
 
 
 def _record_failure(task: dict[str, Any], status: str, err: BaseException) -> dict[str, Any]:
@@ -399,11 +258,36 @@ def _record_failure(task: dict[str, Any], status: str, err: BaseException) -> di
         "variant": task["variant"],
         "seed": task["seed"],
         "config_hash": task["config_hash"],
-        "provenance": {
-            "host": socket.gethostname(),
-            "slurm_job_id": _job_id(),
-            "failed_at": time.time(),
-        },
+        "provenance": _failure_provenance(task, "failed_at"),
     }
+    atomic_write_json(Path(task["run_dir"]) / RESULT, record)
+    return record
+
+
+def _record_interrupted(
+    task: dict[str, Any],
+    signum: int | None,
+    iteration: int | None,
+    err: BaseException | None = None,
+) -> dict[str, Any]:
+    """result.json of a run stopped by SIGINT/SIGTERM (replacing any earlier error record).
+
+    `iteration`: where it stopped and checkpointed; None when the stop cut the step short (an
+    exception, a second signal), and the run resumes from its last periodic checkpoint.
+    """
+    record: dict[str, Any] = {
+        "status": "interrupted",
+        "signal": signal.Signals(signum).name if signum else None,
+        "iteration": iteration,
+        "experiment": task["experiment"],
+        "variant": task["variant"],
+        "seed": task["seed"],
+        "config_hash": task["config_hash"],
+        "provenance": _failure_provenance(task, "interrupted_at"),
+    }
+    if err is not None:
+        record["exception"] = "".join(traceback.format_exception(err))
+    where = f"at iteration {iteration}" if iteration is not None else "during a step"
+    log.warning("%s: interrupted %s; the same command resumes it", task["run_dir"], where)
     atomic_write_json(Path(task["run_dir"]) / RESULT, record)
     return record

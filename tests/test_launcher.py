@@ -6,8 +6,10 @@ smoke profile; planning and argument errors are checked in-process, where they a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,14 +95,48 @@ def _history(run_dir: Path) -> list[dict]:
         (["--profile", "smok"], "unknown profile 'smok'; did you mean 'smoke'"),
         (["--seeds", "5-2"], "bad seed range '5-2'"),
         (["--seeds", "zero"], "bad seed range 'zero'"),
-        (["train.iteration=5"], "did you mean 'train.iterations'"),
-        (["train.batch_size=many"], "train.batch_size"),
+        (
+            ["train.iteration=5"],
+            "error: command-line override 'train.iteration=5': unknown key 'train.iteration'; "
+            "did you mean 'train.iterations'?",
+        ),
+        (
+            ["train.lrr=1"],
+            "error: command-line override 'train.lrr=1': unknown key 'train.lrr'; "
+            "did you mean 'train.lr'?",
+        ),
+        (
+            ["train.batch_size=many"],
+            "error: command-line override 'train.batch_size=many': train.batch_size expects an "
+            "integer, got 'many'",
+        ),
+        (
+            ["train.grad_clip=abc"],
+            "train.grad_clip expects a number or null, got 'abc'",
+        ),
+        (
+            ["data.train_counts=1"],
+            "data.train_counts expects a list of integers, e.g. [0,1,2], got '1'",
+        ),
+        (
+            ["train.batch_size=0"],  # a range check: about the override too, not about a pair
+            "error: command-line override: config field train.batch_size: expected an integer > 0",
+        ),
         (["lr"], "expected key=value"),
-        (["profile.slurm.array_paralelism=2"], "unknown key 'slurm.array_paralelism'"),
+        (["--variants", "air_nvil_fixed", "air_concrete"], "take commas: --variants a,b"),
+        (
+            ["profile.slurm.array_paralelism=2"],
+            "error: command-line override 'profile.slurm.array_paralelism=2': unknown key "
+            "'profile.slurm.array_paralelism'; did you mean 'profile.slurm.array_parallelism'?",
+        ),
         (["--cluster", "slurm", "--jobs", "0"], "--jobs must be >= 1"),
         (["--group-size", "0"], "--group-size must be >= 1"),
         (["profile.group_size=0"], "group_size must be >= 1"),
-        (["profile.group_size=ten"], "bad value for 'group_size'"),
+        (
+            ["profile.group_size=ten"],
+            "error: command-line override 'profile.group_size=ten': profile.group_size expects "
+            "an integer, got 'ten'",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_before_anything_runs(
@@ -111,6 +147,8 @@ def test_bad_arguments_exit_2_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err
+    # One line, about the command line: no experiment x variant pair, no OmegaConf internals.
+    assert err.count("\n") == 1 and " x " not in err and "full_key" not in err, err
     assert not results.exists()  # nothing was planned on disk, nothing ran
 
 
@@ -153,10 +191,13 @@ def test_grid_identity_and_layers(tmp_path: Path) -> None:
     assert by_exp["interpolation"].test_counts == [0, 1, 2, 3]
     assert len({(r.experiment, r.cfg.data.seed) for r in runs}) == 2  # one data seed each
     vimco = next(r for r in runs if r.variant == "air_vimco")
-    assert vimco.cfg.estimator.name == "vimco"  # the variant's config comes after the profile
+    assert vimco.cfg.estimator.name == "air_vimco:vimco"  # variant after profile; own code
     # The same seed of two variants: same data, different hash and folder.
     same = [r for r in runs if r.experiment == "count" and r.seed == 0]
-    assert same[0].cfg.data == same[1].cfg.data and same[0].config_hash != same[1].config_hash
+    # (data.reference_protocols only adds evaluation sets: the training and held-out test
+    # data are the same.)
+    data = [dataclasses.replace(r.cfg.data, reference_protocols=[]) for r in same[:2]]
+    assert data[0] == data[1] and same[0].config_hash != same[1].config_hash
 
 
 def test_group_runs_chunks_the_seeds_of_one_config(tmp_path: Path) -> None:
@@ -272,6 +313,7 @@ def test_local_grid_error_skip_and_redo(tmp_path: Path, env: dict[str, str]) -> 
     error = json.loads((broken / "result.json").read_text())
     assert error["status"] == "error" and "CheckpointError" in error["error"]
     assert "Traceback" in error["error"]
+    assert error["provenance"]["command"] == shlex.join(["run_all.py", *args])
     assert {k: error[k] for k in ("experiment", "variant", "seed")} == {
         "experiment": "count",
         "variant": "air_concrete",
@@ -282,9 +324,11 @@ def test_local_grid_error_skip_and_redo(tmp_path: Path, env: dict[str, str]) -> 
         record = json.loads((run.run_dir / "result.json").read_text())
         assert record["status"] == "complete", run.name
         assert record["experiment"] == "count" and record["variant"] == run.variant
+        # The command the user typed, not the worker's (submitit's _submit.py).
+        assert record["provenance"]["command"] == shlex.join(["run_all.py", *args])
 
     table = pd.read_csv(tmp_path / "results" / "runs.csv")
-    assert list(table.columns) == RUN_COLUMNS and len(table) == 4
+    assert list(table.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS and len(table) == 4
     assert sorted(table["status"]) == ["complete", "complete", "complete", "error"]
     evals = pd.read_csv(tmp_path / "results" / "evals.csv")
     assert len(evals) == 3 * 3  # 12 iterations, evaluated every 4, for the 3 runs that trained
@@ -340,7 +384,11 @@ def test_kill_9_mid_training_then_rerun_resumes_to_identical_metrics(
             time.sleep(0.05)
         else:
             raise AssertionError("the run never reached its second evaluation")
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher, submitit's controller, the worker
+        # A crash of everything: the job's own process group (its controller and worker; the
+        # job id is the controller's pid), then the launcher's.
+        job = int(json.loads((run.run_dir / SUBMISSION).read_text())["job_id"])
+        os.killpg(job, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert not (run.run_dir / "result.json").exists(), "killed too late: the run had finished"
@@ -410,7 +458,8 @@ def test_local_grid_in_seed_groups_equals_one_run_per_job(
         record = json.loads((run.run_dir / "result.json").read_text())
         assert record["status"] == "complete" and record["seed"] == run.seed
         assert record["experiment"] == "count" and record["variant"] == "air_nvil_fixed"
-        assert (run.run_dir / "checkpoint.pt").exists() and (run.run_dir / "config.yaml").exists()
+        assert (run.run_dir / "model.pt").exists() and (run.run_dir / "config.yaml").exists()
+        assert not (run.run_dir / "checkpoint.pt").exists()  # a finished run keeps weights only
         _assert_close(record["final"], json.loads((alone / "result.json").read_text())["final"])
         history, reference = _history(run.run_dir), _history(alone)
         assert [h["iteration"] for h in history] == [4, 8, 12]

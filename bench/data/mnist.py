@@ -34,6 +34,7 @@ __all__ = [
     "MnistCorruptError",
     "MnistNotFoundError",
     "clear_cache",
+    "find_mnist_files",
     "load_mnist",
     "resolve_mnist_dir",
 ]
@@ -140,6 +141,22 @@ def load_mnist(
     # disk (e.g. by a test, or a fresh download) is re-read rather than served stale.
     stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
     return _load_files(stamps)
+
+
+def find_mnist_files(
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    *,
+    mirrors: Sequence[str] | None = None,
+) -> list[Path]:
+    """Paths of the four MNIST files, downloading missing ones when allowed; nothing is parsed.
+
+    For a check before many processes need the data (the launcher): a missing file raises
+    :class:`MnistNotFoundError`, whose message says where to put the files or which
+    environment variable to set.
+    """
+    urls = MIRRORS if mirrors is None else list(mirrors)
+    return [path for split in FILES for path in _locate(split, data_dir, download, urls)]
 
 
 def clear_cache() -> None:
