@@ -1,13 +1,19 @@
 """Python API: load a finished (or partial) run and apply its model to new images.
 
-from bench.api import load_run
-run = load_run("results/single")
+from bench.api import find_runs, load_run
+run = load_run("results/count/air_nvil_fixed/*/seed_0")   # a run folder, or a glob matching one
 out = run.infer(images)          # images: (N, 50, 50) floats in [0, 1]
 out.counts, out.boxes[0], out.presence_prob, out.reconstructions
+find_runs("results", variant="air_nvil_fixed")   # every run folder of the layout, sorted
+
+Run folders are `<results>/<experiment>/<variant>/<config hash>/seed_<n>/` (bench/grid.py). A
+finished run's model is its `model.pt` (weights only, bench/model_file.py); an unfinished run's
+is its newest readable checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +21,8 @@ import numpy as np
 import torch
 
 from bench.config import ConfigError, RunConfig, load_config
-from bench.trainer import CheckpointError, load_checkpoint
+from bench.model_file import MODEL_FILE, ModelFileError, load_final_model
+from bench.trainer import CHECKPOINT, CheckpointError, load_checkpoint
 from implementations.core.model import AIR
 from implementations.core.priors import prior_prob_at
 
@@ -77,22 +84,79 @@ def _check_images(images: np.ndarray | torch.Tensor, canvas: int) -> torch.Tenso
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
-    """The model of a run folder (its config.yaml and newest readable checkpoint)."""
-    run_dir = Path(run_dir)
+    """The model of a run folder: its config.yaml, and the newest checkpoint of an unfinished
+    run or else the finished run's model.pt.
+
+    `run_dir` is a run folder or a glob pattern matching exactly one (e.g.
+    `results/count/air_nvil_fixed/*/seed_0`, without the config hash); several matches raise
+    ValueError listing them (pick one, or use `find_runs`).
+    """
+    run_dir = _one_run_dir(run_dir)
     config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a run folder?")
     try:
         cfg = load_config([config_path])
     except ConfigError as err:
         raise ConfigError(f"{run_dir}: {err}") from err
     ckpt = load_checkpoint(run_dir, expected_hash=None)
+    source = run_dir / CHECKPOINT
     if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no checkpoint.pt; the run has not saved a model yet")
+        try:
+            ckpt = load_final_model(run_dir)
+        except ModelFileError as err:
+            raise CheckpointError(str(err)) from err
+        source = run_dir / MODEL_FILE
+    if ckpt is None:
+        raise CheckpointError(
+            f"{run_dir}: no {MODEL_FILE} and no {CHECKPOINT}; the run has not saved a model yet"
+        )
     model = AIR(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{run_dir}/checkpoint.pt does not match its config: {err}") from err
+        raise CheckpointError(f"{source} does not match its config: {err}") from err
     model.to(device).eval()
     return LoadedRun(cfg=cfg, model=model, iteration=int(ckpt["iteration"]), run_dir=run_dir)
+
+
+def find_runs(
+    results: str | Path = "results",
+    experiment: str = "*",
+    variant: str = "*",
+    seed: int | str = "*",
+    config_hash: str = "*",
+) -> list[Path]:
+    """Run folders under `results` (layout `<experiment>/<variant>/<hash>/seed_<n>`), sorted;
+    each argument is a name or a glob pattern. Only folders with a config.yaml count."""
+    root = Path(results)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist")
+    pattern = f"{experiment}/{variant}/{config_hash}/seed_{seed}"
+    return sorted(p for p in root.glob(pattern) if (p / "config.yaml").is_file())
+
+
+def _one_run_dir(run_dir: str | Path) -> Path:
+    """The run folder `run_dir` names, directly or as a glob pattern matching one folder."""
+    path = Path(run_dir)
+    if (path / "config.yaml").is_file():
+        return path
+    text = str(run_dir)
+    if glob.has_magic(text):
+        anchor = Path(text).anchor
+        relative = text[len(anchor) :] if anchor else text
+        matches = sorted(
+            p for p in Path(anchor or ".").glob(relative) if (p / "config.yaml").is_file()
+        )
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            listed = ", ".join(str(p) for p in matches[:5])
+            more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+            raise ValueError(
+                f"{text} matches {len(matches)} run folders ({listed}{more}); name one, or loop "
+                "over bench.api.find_runs(...)"
+            )
+    raise FileNotFoundError(
+        f"{text}: no run folder (a folder with config.yaml) there; run folders are "
+        "<results>/<experiment>/<variant>/<config hash>/seed_<n>, e.g. "
+        "results/count/air_nvil_fixed/*/seed_0 (bench.api.find_runs lists them)"
+    )

@@ -8,6 +8,8 @@ A deliberately broken folder is reported as broken while the others still load.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,169 @@ def test_template_copy_is_a_working_variant(implementations_copy: Path, tmp_path
     out = estimator.loss(model, x, 0.3)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# ------------------------------------------------------------------ estimator scoping (issue 14)
+def _template_copy(root: Path, name: str) -> Path:
+    folder = root / name
+    shutil.copytree(IMPLEMENTATIONS / "_template", folder, ignore=shutil.ignore_patterns("__*"))
+    return folder
+
+
+def _estimator_of(found, name: str, tmp_path: Path):  # noqa: ANN001, ANN202
+    cfg = found.variants[name].run_config(overrides=[*TINY, f"out_dir={tmp_path / name}"])
+    model, estimator, _ = build(cfg, torch.device("cpu"))
+    return cfg, model, estimator
+
+
+def test_template_copied_alone_is_a_working_variant(tmp_path: Path) -> None:
+    """The template copy as step 1 of the README leaves it, in a folder with nothing else: it
+    trains with the estimator its own estimator.py registers."""
+    root = tmp_path / "implementations"
+    _template_copy(root, "my_idea")
+    found = discover(root)
+    assert found.broken == {} and set(found.variants) == {"my_idea"}
+    cfg, model, estimator = _estimator_of(found, "my_idea", tmp_path)
+    assert cfg.estimator.name == "my_idea:reinforce_ema"
+    assert type(estimator).__module__.startswith("air_variant_my_idea_estimator")
+    x = torch.zeros(4, 50, 50)
+    x[:, 5:25, 5:20] = 0.8
+    out = estimator.loss(model, x, 0.3)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_template_walk_without_new_code(tmp_path: Path) -> None:
+    """README step 3, "no new code": deleting estimator.py alone leaves a broken folder that
+    says what to do (even beside a copy that registers `reinforce_ema`: no borrowing); also
+    replacing the estimator block, as the step says, gives a working variant."""
+    root = tmp_path / "implementations"
+    _template_copy(root, "aa_keeps_code")
+    folder = _template_copy(root, "my_idea")
+    (folder / "estimator.py").unlink()
+    found = discover(root)
+    assert "aa_keeps_code" in found.variants
+    reason = found.broken["my_idea"]
+    assert "'reinforce_ema' is not a registered estimator" in reason
+    assert "'aa_keeps_code:reinforce_ema'" in reason  # how to use the neighbour's, explicitly
+    assert "my_idea/ registers: none" in reason
+
+    yaml_text = (folder / "variant.yaml").read_text()
+    block = "  estimator:\n    name: reinforce_ema\n    params:\n      decay: 0.9\n"
+    assert block in yaml_text  # the block README step 3 tells you to replace
+    (folder / "variant.yaml").write_text(yaml_text.replace(block, "  estimator: {name: nvil}\n"))
+    found = discover(root)
+    assert found.broken == {}
+    cfg, _, estimator = _estimator_of(found, "my_idea", tmp_path)
+    assert cfg.estimator.name == "nvil" and type(estimator).__name__ == "NVIL"
+
+
+def test_two_template_copies_each_train_with_their_own_estimator(tmp_path: Path) -> None:
+    root = tmp_path / "implementations"
+    first = _template_copy(root, "first")
+    second = _template_copy(root, "second")
+    for folder, decay in ((first, "0.5"), (second, "0.7")):  # distinguishable defaults
+        code = (folder / "estimator.py").read_text()
+        assert "decay: float = 0.9" in code
+        (folder / "estimator.py").write_text(
+            code.replace("decay: float = 0.9", f"decay: float = {decay}")
+        )
+        text = (folder / "variant.yaml").read_text()
+        (folder / "variant.yaml").write_text(text.replace("    params:\n      decay: 0.9\n", ""))
+    found = discover(root)
+    assert found.broken == {}
+    cfg1, _, est1 = _estimator_of(found, "first", tmp_path)
+    cfg2, _, est2 = _estimator_of(found, "second", tmp_path)
+    assert (cfg1.estimator.name, cfg2.estimator.name) == (
+        "first:reinforce_ema",
+        "second:reinforce_ema",
+    )
+    assert type(est1) is not type(est2)
+    assert (est1.params.decay, est2.params.decay) == (0.5, 0.7)
+    assert "first" in type(est1).__module__ and "second" in type(est2).__module__
+
+
+def test_another_folders_estimator_only_by_its_qualified_name(tmp_path: Path) -> None:
+    root = tmp_path / "implementations"
+    _template_copy(root, "owner")
+    user = _template_copy(root, "user")
+    (user / "estimator.py").unlink()
+    text = (
+        (user / "variant.yaml")
+        .read_text()
+        .replace("    name: reinforce_ema\n", '    name: "owner:reinforce_ema"\n')
+    )
+    (user / "variant.yaml").write_text(text)
+    wrong = _template_copy(root, "wrong")
+    (wrong / "estimator.py").unlink()
+    (wrong / "variant.yaml").write_text(text.replace("owner:reinforce_ema", "owner:reinforce"))
+    found = discover(root)
+    cfg, _, estimator = _estimator_of(found, "user", tmp_path)
+    assert cfg.estimator.name == "owner:reinforce_ema"
+    _, _, owners = _estimator_of(found, "owner", tmp_path)
+    assert type(estimator) is type(owners)
+    assert "folder 'owner' registers no estimator 'reinforce'" in found.broken["wrong"]
+    assert set(found.variants) == {"owner", "user"}
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("from implementations.core.estimators import register_estimator, NVIL\n"
+         "register_estimator('nvil')(type('Mine', (NVIL,), {}))\n", "registered twice"),
+        ("from implementations.core.estimators import register_estimator, NVIL\n"
+         "register_estimator('a:b')(type('Mine', (NVIL,), {}))\n", "must not contain ':'"),
+    ],
+)  # fmt: skip
+def test_folder_estimators_that_clash_are_broken(
+    implementations_copy: Path, code: str, reason: str
+) -> None:
+    _break(implementations_copy, "zz_clash", None, code)
+    found = discover(implementations_copy)
+    assert reason in found.broken["zz_clash"]
+    assert set(found.variants) == set(VARIANTS)
+    from implementations.core.estimators import ESTIMATORS
+
+    assert ESTIMATORS["nvil"].__name__ == "NVIL" and "a:b" not in ESTIMATORS
+
+
+def test_broken_owner_breaks_only_the_folders_that_name_it(implementations_copy: Path) -> None:
+    _break(implementations_copy, "zz_owner", None, "raise RuntimeError('owner boom')\n")
+    user = implementations_copy / "zz_user"
+    shutil.copytree(implementations_copy / "air_nvil_fixed", user)
+    (user / "variant.yaml").write_text(
+        'description: x\nconfig:\n  estimator:\n    name: "zz_owner:thing"\n'
+    )
+    found = discover(implementations_copy)
+    assert "owner boom" in found.broken["zz_owner"]
+    assert "'zz_owner:thing'" in found.broken["zz_user"] and "owner boom" in found.broken["zz_user"]
+    assert set(found.variants) == set(VARIANTS)
+
+
+def test_worker_registers_a_folder_estimator_from_its_qualified_name() -> None:
+    """A fresh process (a worker) has only the core's estimators; the qualified name in the run
+    config imports that one folder, and no bare `vimco` appears."""
+    code = (
+        "from bench.variants import ensure_registered\n"
+        "from implementations.core.estimators import ESTIMATORS\n"
+        "ensure_registered('air_vimco:vimco')\n"
+        "print(sorted(ESTIMATORS))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=IMPLEMENTATIONS.parent,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['air_vimco:vimco', 'nvil', 'reparam']"
+    assert DISCOVERY.variants["air_vimco"].run_config().estimator.name == "air_vimco:vimco"
+
+
+def test_a_bare_folder_estimator_name_outside_its_folder_suggests_the_qualified_one() -> None:
+    """A single-run config (no variant folder) naming `vimco` bare: an error that says how."""
+    with pytest.raises(
+        ValueError, match=r"unknown estimator 'vimco'; did you mean 'air_vimco:vimco'"
+    ):
+        build(load_config(overrides=[*TINY, "estimator.name=vimco"]), torch.device("cpu"))
+    cfg = load_config(overrides=[*TINY, "estimator.name=air_vimco:vimco"])
+    _, estimator, _ = build(cfg, torch.device("cpu"))
+    assert type(estimator).__name__ == "VIMCO"
+    with pytest.raises(ValueError, match="write 'air_vimco:vimco' to use it"):
+        DISCOVERY.variants["air_nvil_fixed"].run_config(overrides=["estimator.name=vimco"])

@@ -1,7 +1,13 @@
 """Example estimator of the template: REINFORCE with a running-average baseline.
 
-Only needed when a variant brings new code. Delete this file if your variant only changes
-config. Estimators register themselves by name; the name must be unique across all folders.
+Only needed when a variant brings new code. If your variant only changes config, delete this
+file and name one of the core's estimators in `variant.yaml` instead (see the comment there):
+nothing else registers `reinforce_ema` for this folder.
+
+The name registered here is this folder's own: `variant.yaml` in this folder names it bare
+(`reinforce_ema`), the run config records it as `<folder>:reinforce_ema`, and another variant
+folder can use it only by writing `<folder>:reinforce_ema` itself. Copies of this template
+each train with their own copy of the code, never with each other's.
 """
 
 from __future__ import annotations
