@@ -10,6 +10,17 @@ SLURM queue for runs submitted but not finished. A file that cannot be read is r
 `problems` and in the row's `error` column, never raised: gathering must work on a results
 folder that jobs are writing to right now. The CSV files are replaced atomically, so two
 gathers at once leave one complete file or the other.
+
+Final metrics: every key of a result.json's "final" becomes a column `final_<key>`, and every
+key of its "final_protocols" (the same metrics on a reference protocol's test images, e.g.
+addtt's) a column `final_<protocol>_<key>`: numbers as floats, text as text, matrices as JSON.
+No list names them, so a new metric needs no edit here. What each key means:
+bench/evaluate.py. `final_metrics_version` is empty for results of older code, whose
+`final_count_accuracy` counts the posterior mode rather than one sample.
+
+`run_dir` in the returned table is the run folder as found under `results_root`; in runs.csv it
+is relative to the folder the CSV sits in (the results folder), so the CSV names no path of the
+machine that wrote it and stays right when the results folder is moved or copied.
 """
 
 from __future__ import annotations
@@ -69,13 +80,16 @@ RUN_COLUMNS = [
     "converged_evals",
     "attempts",
 ]
+# Final-metric columns every runs table has (older results lack some keys): the rest come from
+# the keys of each result.json's "final" and "final_protocols" (`final_columns`), after these.
+FIXED_FINAL = [c for c in RUN_COLUMNS if c.startswith("final_")]
 EVAL_KEYS = ["experiment", "variant", "seed", "config_hash", "iteration"]
 NAN = float("nan")
 
 
 @dataclass
 class Gathered:
-    runs: pd.DataFrame  # one row per run folder (RUN_COLUMNS)
+    runs: pd.DataFrame  # one row per run folder (RUN_COLUMNS, then every other final_* key)
     evals: pd.DataFrame  # one row per line of every metrics.jsonl
     problems: list[str] = field(default_factory=list)  # files that could not be read
 
@@ -178,16 +192,10 @@ def _run_row(
                 record.get("wall_time_s", history[-1].get("wall_time") if history else None)
             ),
             "iterations_to_target": _num(record.get("iterations_to_target")),
-            "final_count_accuracy": _num(final.get("count_accuracy")),
-            **{
-                f"final_count_accuracy_{n}": _num(final.get(f"count_accuracy_{n}"))
-                for n in range(4)
-            },
-            "final_elbo": _num(final.get("elbo")),
-            "final_iw_bound": _num(final.get("iw_bound")),
-            "final_box_iou": _num(final.get("box_iou")),
-            "final_mean_count": _num(final.get("mean_count")),
-            "final_confusion": json.dumps(final["confusion"]) if "confusion" in final else "",
+            **{col: NAN for col in FIXED_FINAL if col != "final_confusion"},
+            "final_confusion": "",
+            **final_columns(final),
+            **protocol_columns(record.get("final_protocols")),
             "error": record.get("error") or problem or "",
             "slurm_job_id": (
                 submission.get("job_id") if submission.get("cluster") == "slurm" else None
@@ -200,6 +208,35 @@ def _run_row(
         }
     )
     return row
+
+
+def _cell(value: Any) -> Any:
+    """A final metric as one table cell: numbers as floats, text as it is, lists and mappings
+    (confusion matrices) as JSON; None (an unset metric) as NaN."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return _num(value)
+
+
+def final_columns(final: Any, prefix: str = "final_") -> dict[str, Any]:
+    """Every key of result.json's "final" as a column `final_<key>`: no list to keep up to
+    date, so a metric added to the evaluation reaches the tables by itself."""
+    if not isinstance(final, dict):
+        return {}
+    return {f"{prefix}{key}": _cell(value) for key, value in final.items()}
+
+
+def protocol_columns(protocols: Any) -> dict[str, Any]:
+    """result.json's "final_protocols" ({protocol: metrics like "final"}) as columns
+    `final_<protocol>_<key>`; a skipped protocol gives `final_<protocol>_skipped` (its reason)."""
+    if not isinstance(protocols, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name, metrics in sorted(protocols.items()):
+        out.update(final_columns(metrics, f"final_{name}_"))
+    return out
 
 
 def _num(value: Any) -> float:
@@ -251,7 +288,8 @@ def gather(results_root: Path = Path("results"), write_csv: bool = True) -> Gath
         history = _read_lines(run_dir / "metrics.jsonl", problems)
         runs.append(_run_row(run_dir, queue, problems, history))
         evals.extend(_eval_rows(run_dir, history))
-    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
+    extra = sorted({key for row in runs for key in row} - set(RUN_COLUMNS))
+    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS + extra)  # the fixed columns first
     evals_df = pd.DataFrame(evals)
     if evals_df.empty:
         evals_df = pd.DataFrame(columns=EVAL_KEYS)
@@ -261,18 +299,31 @@ def gather(results_root: Path = Path("results"), write_csv: bool = True) -> Gath
     for problem in problems:
         log.warning("gather: %s", problem)
     if write_csv and results_root.is_dir():
-        atomic_write_text(results_root / "runs.csv", runs_df.to_csv(index=False))
+        relative = runs_df.assign(run_dir=[_relative(d, results_root) for d in runs_df["run_dir"]])
+        atomic_write_text(results_root / "runs.csv", relative.to_csv(index=False))
         atomic_write_text(results_root / "evals.csv", evals_df.to_csv(index=False))
     return Gathered(runs=runs_df, evals=evals_df, problems=problems)
 
 
+def _relative(run_dir: str, results_root: Path) -> str:
+    """A run folder relative to the results folder (POSIX separators), as runs.csv stores it."""
+    try:
+        return Path(run_dir).relative_to(results_root).as_posix()
+    except ValueError:
+        return run_dir
+
+
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment and variant: runs by status, converged share, mean final accuracy."""
+    """Per experiment, variant and config: iterations, runs by status, converged, mean final
+    accuracy. Runs of different configs (a smoke run and a full one) are never pooled."""
     if runs.empty:
         return pd.DataFrame()
-    g = runs.groupby(["experiment", "variant"])
+    keys = ["experiment", "variant", "config_hash"]
+    runs = runs.assign(config_hash=runs["config_hash"].fillna("").astype(str))
+    g = runs.groupby(keys)
     out = g["status"].value_counts().unstack(fill_value=0)
-    complete = runs[runs["status"] == "complete"].groupby(["experiment", "variant"])
+    out.insert(0, "iterations", g["target_iterations"].first())
+    complete = runs[runs["status"] == "complete"].groupby(keys)
     out["converged"] = complete["outcome"].apply(lambda s: int((s == "converged").sum()))
     out["count_acc"] = complete["final_count_accuracy"].mean().round(3)
     return out.fillna({"converged": 0}).reset_index()

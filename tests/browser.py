@@ -98,6 +98,7 @@ class PageVisit:
     dialogs: list[str] = field(default_factory=list)  # alert/confirm/prompt messages
     text: str = ""  # document.body.innerText after load
     screenshot: bytes = b""  # PNG of the viewport
+    values: dict[str, Any] = field(default_factory=dict)  # results of `evaluate` expressions
 
     @property
     def errors(self) -> list[str]:
@@ -203,8 +204,14 @@ def visit(
     height: int = 2000,
     load_timeout: float = 30.0,
     settle: float = 0.5,
+    evaluate: dict[str, str] | None = None,
 ) -> PageVisit:
-    """Load a page in headless Chromium; record console, requests and dialogs; screenshot it."""
+    """Load a page in headless Chromium; record console, requests and dialogs; screenshot it.
+
+    `evaluate` maps names to JavaScript expressions evaluated in the loaded page (through
+    DevTools, so the page's own no-script policy does not stop them); their JSON-able results
+    land in `PageVisit.values`, e.g. the layout boxes of elements.
+    """
     exe = ensure_chromium()
     url = path_or_url if "://" in str(path_or_url) else Path(path_or_url).resolve().as_uri()
     to_browser_r, to_browser_w = os.pipe()
@@ -238,7 +245,7 @@ def visit(
         os.close(from_browser_w)
         pipe = _Pipe(proc, to_browser_w, from_browser_r)
         try:
-            return _visit(pipe, url, width, height, load_timeout, settle)
+            return _visit(pipe, url, width, height, load_timeout, settle, evaluate or {})
         except (BrowserError, OSError) as err:  # say why Chromium went away, if it did
             log.flush()
             tail = (Path(profile) / "stderr.log").read_bytes()[-1500:].decode(errors="replace")
@@ -257,7 +264,13 @@ def visit(
 
 
 def _visit(
-    pipe: _Pipe, url: str, width: int, height: int, load_timeout: float, settle: float
+    pipe: _Pipe,
+    url: str,
+    width: int,
+    height: int,
+    load_timeout: float,
+    settle: float,
+    evaluate: dict[str, str],
 ) -> PageVisit:
     target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -295,6 +308,13 @@ def _visit(
         session=session,
     )
     page.text = text.get("result", {}).get("value", "")
+    for name, expression in evaluate.items():
+        reply = pipe.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session
+        )
+        if "exceptionDetails" in reply:
+            raise BrowserError(f"evaluating {name!r} failed: {reply['exceptionDetails']}")
+        page.values[name] = reply.get("result", {}).get("value")
     shot = pipe.send("Page.captureScreenshot", {"format": "png"}, session=session, timeout=60)
     page.screenshot = base64.b64decode(shot["data"])
     return page

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from bench.grid_record import AskedRun, GridRecord
 from bench.report import build_all, build_reports
 from bench.report.failures import (
     BLANK,
@@ -35,7 +36,7 @@ from tests.conftest import TINY, needs_mnist
 
 EVIL = "<script>alert(1)</script>"  # a variant name that must stay text
 EVIL_CONFIG = "<img src=x onerror=alert(2)>"  # a config value that must stay text
-TARGET = 40000  # iterations of every synthetic run
+TARGET = 200_000  # iterations of every synthetic run: the published budget, so comparable
 EVERY = 2000  # evaluation interval
 TRACEBACK = (
     "Traceback (most recent call last):\n"
@@ -60,16 +61,22 @@ def _confusion(acc_by_count: dict[int, float], kind: str, per_count: int = 1000)
     return m.tolist()
 
 
+MODE_SHIFT = 0.004  # the synthetic runs' mode-based accuracies sit this far above the sampled
+
+
 def _run(experiment, variant, seed, status="complete", outcome="converged", acc=0.985, *,
          iters_to_target=None, kind="over", iou=0.8, elbo=600.0, iw=610.0, counts=(0, 1, 2),
          wall=3600.0, iterations=TARGET, error=None, diverged_at=None, run_dir=None,
-         per_count=None):  # fmt: skip
-    """One row of the runs table, with final metrics consistent with `acc`."""
+         per_count=None, version=2, lme=None, scale=("gaussian", 0.3), prior=0.01,
+         target=TARGET):  # fmt: skip
+    """One row of the runs table, with final metrics consistent with `acc`: the keys of
+    metrics_version 2 (sampled counts, mode beside them), or, with version=None, those of older
+    results (mode counts in count_accuracy, no version)."""
     row = {
         "experiment": experiment, "variant": variant, "seed": seed, "config_hash": "abc123",
         "run_dir": run_dir or f"/nonexistent/{experiment}/{variant}/seed_{seed}",
         "status": status, "outcome": outcome if status == "complete" else None,
-        "diverged_at": diverged_at, "iterations": iterations, "target_iterations": TARGET,
+        "diverged_at": diverged_at, "iterations": iterations, "target_iterations": target,
         "wall_time_s": wall if status == "complete" else math.nan,
         "iterations_to_target": iters_to_target, "error": error, "slurm_job_id": "777",
         "git_commit": "deadbeef", "device": "cpu (x86_64, 2 cores)", "host": "node1",
@@ -86,6 +93,24 @@ def _run(experiment, variant, seed, status="complete", outcome="converged", acc=
             "final_mean_count": float((m.sum(0) * np.arange(4)).sum() / m.sum()),
             "final_confusion": json.dumps(conf),
         })  # fmt: skip
+        if version is not None:
+            held = {"interpolation": 2, "extrapolation": 3}.get(experiment)
+            seen = [c for c in by_count if c != held]
+            lme = iw - 1.5 if lme is None else lme
+            row.update({
+                "final_metrics_version": version,
+                "final_count_accuracy_mode": row["final_count_accuracy"] + MODE_SHIFT,
+                **{f"final_count_accuracy_mode_{c}": by_count[c] + MODE_SHIFT for c in by_count},
+                "final_count_accuracy_in_distribution": float(np.mean([by_count[c]
+                                                                       for c in seen])),
+                "final_over_count_rate": float(np.triu(m, 1).sum() / m.sum()),
+                "final_under_count_rate": float(np.tril(m, -1).sum() / m.sum()),
+                "final_box_iou_frame": iou, "final_box_precision": 0.9, "final_box_recall": 0.85,
+                "final_lme_elbo_bound": lme, "final_elbo_at_0.01": elbo,
+                "final_iw_bound_at_0.01": iw, "final_lme_elbo_bound_at_0.01": lme,
+                "final_likelihood": scale[0], "final_likelihood_sd": scale[1],
+                "final_prior_prob": prior, "final_iw_samples": 100.0,
+            })  # fmt: skip
     return row
 
 
@@ -178,6 +203,22 @@ def synthetic(tmp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return pd.DataFrame(rows), pd.DataFrame(evals), truth
 
 
+def asked_grid(runs: pd.DataFrame, extra: list[tuple[str, str, str, int]] = ()) -> GridRecord:
+    """A grid record asking for every run of `runs` and the `extra` (experiment, variant,
+    config hash, seed) runs, which have no folder."""
+    asked = [
+        AskedRun(e, v, h, int(s), int(t) if t == t else None)
+        for e, v, h, s, t in zip(runs["experiment"], runs["variant"], runs["config_hash"],
+                                 runs["seed"], runs["target_iterations"], strict=True)
+    ] + [AskedRun(e, v, h, s, TARGET) for e, v, h, s in extra]  # fmt: skip
+    return GridRecord(
+        grid_id="test", command="python run_all.py --profile test", profile="test",
+        cluster="local", experiments=sorted({r.experiment for r in asked}),
+        variants=sorted({r.variant for r in asked}), seeds=sorted({r.seed for r in asked}),
+        overrides=[], runs=asked, first_asked_at=1.7e9, last_asked_at=1.7e9,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- HTML reading
 class _Tables(HTMLParser):
     """Cells of every table with an id: {id: [row, ...]}, a row being {"attrs", "cells"}."""
@@ -236,9 +277,11 @@ def rows_by_variant(html: str, table: str) -> dict[str, list[str]]:
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("report")
     runs, evals, truth = synthetic(tmp)
+    # The grid asked for every run there is, and air_vimco seeds 5-9, which never started.
+    grid = asked_grid(runs, [("main", "air_vimco", "abc123", s) for s in range(5, 10)])
     t0 = time.perf_counter()
     pages = build_reports(runs, evals, tmp / "reports", results_root=tmp / "results",
-                          command="run_all.py --report-only")  # fmt: skip
+                          command="run_all.py --report-only", grid=grid)  # fmt: skip
     seconds = time.perf_counter() - t0
     html = {p.name: p.read_text() for p in pages}
     return {"tmp": tmp, "pages": pages, "html": html, "truth": truth, "runs": runs,
@@ -288,29 +331,40 @@ def test_iterations_to_target_median_and_bootstrap(built: dict) -> None:
 def test_final_accuracy_median_iqr_and_per_count(built: dict) -> None:
     rows = rows_by_variant(_main(built), "verdict-table")
     accs = built["truth"]["air_nvil_fixed"]["accs"]
-    med, q25, q75, n = _floats(rows["air_nvil_fixed"][3])
+    med, q25, q75, n, mode = _floats(rows["air_nvil_fixed"][3])
     assert med == pytest.approx(np.median(accs), abs=5e-4)
     assert q25 == pytest.approx(np.percentile(accs, 25), abs=5e-4)
     assert q75 == pytest.approx(np.percentile(accs, 75), abs=5e-4)
     assert n == 9  # the crashed run has no final evaluation
-    per_count = _floats(rows["air_concrete"][4])
+    assert mode == pytest.approx(np.median(accs) + MODE_SHIFT, abs=5e-4)  # the mode beside it
+    per_count = _floats(rows["air_concrete"][5])
     assert per_count == [0, 0.99, 1, 0.99, 2, 0.99]
-    elbo_med = _floats(rows["air_nvil_fixed"][5])[0]
+    elbo_med = _floats(rows["air_nvil_fixed"][6])[0]
     assert elbo_med == pytest.approx(np.median(built["truth"]["air_nvil_fixed"]["elbos"]), abs=0.05)
+    assert "[Gaussian sd 0.3]" in rows["air_nvil_fixed"][6]
 
 
 def test_published_reference_and_difference(built: dict) -> None:
     rows = rows_by_variant(_main(built), "verdict-table")
-    ref, delta = rows["air_nvil_fixed"][-2], rows["air_nvil_fixed"][-1]
+    ref, ours, delta = rows["air_nvil_fixed"][-3:]
     assert "REFERENCE.md rows 1, 2, 3" in ref
-    assert ref.startswith("success rate: 0.80 count accuracy: 0.983 iterations to target: 30,000")
+    assert ref.startswith(
+        "success rate: 0.80 count accuracy: 0.983 iterations to target: 30,000 "
+        "ELBO: 627.4 log p(x) \u2265 (LME): 636.8"
+    )
     # One difference per published figure, in the same order: rate, accuracy, iterations, ...
-    rate, acc, iters, elbo, iw = delta.split()
+    # None is like with like: the synthetic runs have no results on addtt's test images.
+    rate, acc, iters, elbo, lme = [d.split()[0] for d in re.findall(r"[-+][\d,.]+ \u2260", delta)]
+    assert delta.count("\u2260") == 5 and "=" not in delta
     assert rate == "-0.10"
     assert acc == f"{np.median(built['truth']['air_nvil_fixed']['accs']) - 0.983:+.3f}"
     assert iters == "-16,000"  # median 14,000 vs 30,000
-    assert elbo == f"{np.median(built['truth']['air_nvil_fixed']['elbos']) - 627.4:+.1f}"
-    assert "unknown: no variant folder" in rows["legacy_gone"][-2]
+    elbos = built["truth"]["air_nvil_fixed"]["elbos"]
+    assert elbo == f"{np.median(elbos) - 627.4:+.1f}"
+    # addtt's 636.8 is set against our log-mean-exp bound (IW - 1.5 in the synthetic runs)
+    assert lme == f"{np.median([e + 10 - 1.5 for e in elbos]) - 636.8:+.1f}"
+    assert "no addtt test-image results in these runs" in ref
+    assert "unknown: no variant folder" in rows["legacy_gone"][-3]
 
 
 def test_generalisation_headline_and_reference(built: dict) -> None:
@@ -318,10 +372,10 @@ def test_generalisation_headline_and_reference(built: dict) -> None:
     rows = rows_by_variant(html, "verdict-table")
     for variant, published in (("air_nvil_fixed", 0.6), ("dair_nvil", 0.95)):
         truth = built["truth"][("interpolation", variant)]
-        headline = _floats(rows[variant][4])[0]
+        headline = _floats(rows[variant][3])[0]
         assert headline == pytest.approx(np.median(truth), abs=5e-4)
-        assert f"count accuracy on 2-digit images: {published:.3f}" in rows[variant][-2]
-        assert rows[variant][-1] == f"{np.median(truth) - published:+.3f}"
+        assert f"count accuracy on 2-digit images: {published:.3f}" in rows[variant][-3]
+        assert rows[variant][-1] == f"{np.median(truth) - published:+.3f} \u2260"
     assert "Generalisation: AIR against DAIR" in html
     assert 'id="generalisation"' in built["html"]["index.html"]
 
@@ -402,7 +456,7 @@ def test_partial_report_names_running_queued_and_missing(built: dict) -> None:
     html = _main(built)
     assert "Partial results:" in html
     text = re.sub(r"\s+", " ", html)
-    assert "<strong>running</strong>: air_vimco &mdash; seed 0: 10,000/40,000 iterations" in text
+    assert "<strong>running</strong>: air_vimco &mdash; seed 0: 10,000/200,000 iterations" in text
     assert "<strong>queued</strong>: air_vimco &mdash; seeds 3-4" in text
     assert "<strong>missing</strong>: air_vimco &mdash; seeds 5-9" in text
     assert "Complete:" in built["html"]["interpolation.html"]
@@ -476,6 +530,44 @@ def test_pages_in_headless_chromium(built: dict, browser) -> None:
         assert ink > 0.05 and spread > 20, (name, ink, spread)
         assert visit.requests and visit.requests[0].startswith("file:")
     assert EVIL in visit.text  # shown as text on the experiment page
+
+
+FITS = """(() => {
+  const width = document.documentElement.clientWidth;
+  const out = {width, page: document.documentElement.scrollWidth, over: []};
+  for (const el of document.querySelectorAll('#failed-runs td, #failed-runs td *')) {
+    const box = el.getBoundingClientRect();
+    const cell = el.closest('td').getBoundingClientRect();
+    const clipped = el.scrollWidth > el.clientWidth + 1;
+    if (box.right > width + 0.5 || box.right > cell.right + 0.5 || clipped)
+      out.over.push([el.tagName, (el.textContent || '').slice(0, 60), box.right, cell.right]);
+  }
+  out.rows = document.querySelectorAll('#failed-runs tbody tr').length;
+  return out;
+})()"""
+
+
+@pytest.mark.slow
+def test_failed_runs_table_fits_a_1400px_window(tmp_path: Path, browser) -> None:
+    """Long run folders and unbroken error lines wrap inside their cells; nothing is cut off."""
+    results = tmp_path / "results"
+    long = "air_nvil_fixed_with_a_rather_long_descriptive_name_for_a_new_idea"
+    rows = []
+    for s in range(3):
+        run_dir = results / "interpolation" / long / "0123456789" / f"seed_{s}"
+        error = TRACEBACK + "ValueError: " + "/very/long/path/without/spaces" * 12 + "\n"
+        rows.append(_run("interpolation", long, s, status="error", error=error,
+                         run_dir=str(run_dir)))  # fmt: skip
+    rows.append(_run("interpolation", long, 3, outcome="not_converged", acc=0.5,
+                     run_dir="/somewhere/else/" + "deep/" * 30 + "seed_3"))  # fmt: skip
+    pages = build_reports(pd.DataFrame(rows), None, tmp_path / "reports", results_root=results,
+                          reconstructions=False)  # fmt: skip
+    visit = browser(pages[1], width=1400, evaluate={"fits": FITS})
+    fits = visit.values["fits"]
+    assert fits["rows"] == 4
+    assert fits["page"] <= fits["width"], fits  # no horizontal scrolling at 1400 px
+    assert fits["over"] == [], fits["over"]
+    assert f"interpolation/{long}/0123456789/seed_0" in visit.text  # relative to results/
 
 
 @pytest.mark.slow

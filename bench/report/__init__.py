@@ -6,35 +6,56 @@
 `build_reports(runs, evals, reports_root)` does the same from the two tables of
 `bench.gather.gather` (or any tables with those columns), which is what the tests use.
 
-Data flows one way: gathered tables -> `summary` (numbers) + `figures`/`samples` (PNG data URIs)
--> `html` (jinja2 templates in `templates/`, autoescaped) -> files. A partial result set gives a
-partial report that says what is missing and what is still running.
+Data flows one way: gathered tables + the latest asked grid (bench.grid_record) -> `rows` (one
+verdict row per experiment, variant and config hash: runs of different configs are never pooled)
+-> `summary`/`status` (numbers) + `figures`/`samples` (PNG data URIs) -> `html` (jinja2
+templates in `templates/`, autoescaped) -> files. Every page opens with the asked grid and how
+many of its runs are complete, running, failed or missing; runs outside it get rows of their own,
+labelled as such. Published figures are set beside ours computed the same way
+(bench.report.fidelity), from the references the grid records kept when the runs were asked for.
+Only files on disk are read. Run folders are shown relative to the results
+folder, so a report made in a temporary folder shows no machine-specific paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import os
 import platform
+import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.grid_record import GridRecord, read_records
 from bench.report import figures, summary
+from bench.report.configs import VariantInfo, row_configs, variant_infos
 from bench.report.failures import BLANK_MAX_IOU, BLANK_MIN_ACCURACY
+from bench.report.fidelity import apply_recorded, budget_rule, resolve_references
 from bench.report.html import page_name, render
+from bench.report.measures import GENERALISATION_MIN_IN_DISTRIBUTION, generalisation_rule
+from bench.report.rows import (
+    ROW,
+    Row,
+    build_rows,
+    by_row,
+    convergence_sentence,
+    label_tables,
+)
+from bench.report.status import describe_grid, status
 
 __all__ = ["build_all", "build_reports"]
 
 log = logging.getLogger(__name__)
 
 REPORT_PACKAGES = ("torch", "numpy", "pandas", "scipy", "matplotlib", "seaborn", "jinja2")
-Expected = Mapping[str, Mapping[str, Iterable[int]]]
 
 
 def build_all(
@@ -42,28 +63,29 @@ def build_all(
     reports_root: str | Path,
     *,
     command: str | None = None,
-    expected: Expected | None = None,
     reconstructions: bool = True,
 ) -> list[Path]:
     """Gather every run under `results_root` and write the reports into `reports_root`.
 
-    Works on any subset of results (an empty folder gives an index saying so). `expected`
-    (experiment -> variant -> seeds, from the launcher's plan) lets the pages name runs that
-    have not even started; without it, a seed that some variant has counts as expected for all.
-    Returns the pages written, index first.
+    Works on any subset of results (an empty folder gives an index saying so). The grid asked
+    for last (`<results_root>/.grids/`, written by run_all.py) names the runs that have not even
+    started. Returns the pages written, index first.
     """
     from bench.gather import gather  # the other half of the pipeline; imported when needed
 
     gathered = gather(results_root)
+    records, grid_problems = read_records(results_root)
     return build_reports(
         gathered.runs,
         gathered.evals,
         reports_root,
         results_root=results_root,
         command=command,
-        expected=expected,
+        grid=records[-1] if records else None,
+        grids_recorded=len(records),
+        records=records,
         reconstructions=reconstructions,
-        problems=gathered.problems,
+        problems=[*gathered.problems, *grid_problems],
     )
 
 
@@ -74,54 +96,77 @@ def build_reports(
     *,
     results_root: str | Path | None = None,
     command: str | None = None,
-    expected: Expected | None = None,
+    grid: GridRecord | None = None,
+    grids_recorded: int | None = None,
     reconstructions: bool = True,
     implementations: str | Path | None = None,
     problems: Iterable[str] = (),
+    records: Sequence[GridRecord] | None = None,
 ) -> list[Path]:
     """Write index.html and one page per experiment from gathered `runs` and `evals` tables.
 
-    `reconstructions=False` skips loading checkpoints (the slowest part); `implementations`
-    points at another variants folder (tests); `problems` are files gathering could not read,
-    listed on the index. Returns the pages written, index first.
+    `grid` is the asked grid the pages judge completeness by (None: no record, and no page
+    calls itself complete); `reconstructions=False` skips loading checkpoints (the slowest
+    part); `implementations` points at another variants folder (tests); `problems` are files
+    gathering could not read, listed on the index; `records` every grid record, oldest first
+    (default: `grid` alone), whose recorded variant references the rows are compared with.
+    Returns the pages written, index first.
     """
     t0 = time.perf_counter()
     out = Path(reports_root)
     out.mkdir(parents=True, exist_ok=True)
+    shown = _PathShower(results_root, reports_root)
     runs, evals = summary.normalise_runs(runs), summary.normalise_evals(evals)
-    names = sorted(set(runs["variant"]) | set(evals["variant"]))
-    infos = summary.variant_infos(names, runs, implementations)
-    colours = figures.palette(names)
-    report = _report_provenance(results_root, command)
-    generalisation = figures.generalisation_figure(runs, infos, colours)
+    rows = build_rows(runs, grid)
+    runs, evals = label_tables(runs, evals, rows)
+    names = set(runs["variant"]) | set(evals["variant"]) | {r.variant for r in rows}
+    infos = variant_infos(sorted(names), runs, implementations)
+    records = list(records) if records is not None else ([grid] if grid is not None else [])
+    problems = [*problems, *apply_recorded(infos, records)]
+    problems += resolve_references(rows, records, infos)
+    colours = figures.palette([r.key for r in rows])
+    family = {r.key: infos[r.variant] for r in rows if r.variant in infos}
+    report = _report_provenance(results_root, command, grid)
+    report["command"] = shown.command(report["command"])
+    generalisation = figures.generalisation_figure(by_row(runs), family, colours)
+    grid_desc = describe_grid(grid, grids_recorded if grids_recorded is not None else int(
+        grid is not None))  # fmt: skip
 
     experiments = []
     written = []
-    for experiment in summary.experiment_order(set(runs["experiment"]) | set(evals["experiment"])):
+    names_seen = set(runs["experiment"]) | set(evals["experiment"]) | {r.experiment for r in rows}
+    for experiment in summary.experiment_order(names_seen):
         exp = _experiment(
             experiment,
             runs[runs["experiment"] == experiment],
             evals[evals["experiment"] == experiment],
+            [r for r in rows if r.experiment == experiment],
             infos,
             colours,
-            (expected or {}).get(experiment),
+            status(runs, rows, grid, experiment),
             reconstructions,
             generalisation,
+            shown,
         )
-        written.append(render("experiment.html.j2", out / exp["page"], exp=exp, report=report))
+        written.append(render("experiment.html.j2", out / exp["page"], exp=exp, report=report,
+                              grid=grid_desc))  # fmt: skip
         experiments.append(exp)
         log.info("report: wrote %s", out / exp["page"])
 
+    overview_variants = sorted({v for e in experiments for v in e["by_variant"]})
     index = render(
         "index.html.j2",
         out / "index.html",
         report=report,
+        grid=grid_desc,
+        status=status(runs, rows, grid, None),
         experiments=experiments,
-        overview_variants=sorted({v for e in experiments for v in e["by_variant"]}),
+        overview_variants=overview_variants,
         variants=[infos[n] for n in sorted(infos)],
         generalisation=generalisation,
-        provenance=summary.run_provenance(runs),
-        problems=list(problems),
+        gen_min=GENERALISATION_MIN_IN_DISTRIBUTION,
+        provenance=_run_provenance(runs, shown),
+        problems=[shown.text(p) for p in problems],
     )
     log.info("report: %d pages in %.1f s", len(written) + 1, time.perf_counter() - t0)
     return [index, *written]
@@ -131,98 +176,209 @@ def _experiment(
     name: str,
     runs: pd.DataFrame,
     evals: pd.DataFrame,
-    infos: Mapping[str, summary.VariantInfo],
+    rows: list[Row],
+    infos: Mapping[str, VariantInfo],
     colours: Mapping[str, Any],
-    expected: Mapping[str, Iterable[int]] | None,
+    state: dict[str, Any],
     reconstructions: bool,
     generalisation: str | None,
+    shown: _PathShower,
 ) -> dict[str, Any]:
     """Everything one experiment's page shows."""
-    variants = sorted(set(runs["variant"]) | set(evals["variant"]))
+    sentence, rule_per_row = convergence_sentence(rows)
     verdicts = [
-        summary.verdict(runs[runs["variant"] == v], name, infos.get(v))
-        for v in variants
-        if (runs["variant"] == v).any()
+        summary.verdict(runs[runs[ROW] == r.key], name, infos.get(r.variant), r, rule_per_row)
+        for r in rows
     ]
+    # The figures draw one group per row, with the row's own reference; a row trained too
+    # briefly gets no published marks.
+    row_infos = {
+        r.key: dataclasses.replace(infos[r.variant], reference=r.reference if r.comparable
+                                   else None)
+        for r in rows
+        if r.variant in infos
+    }  # fmt: skip
+    row_runs, row_evals = by_row(runs), by_row(evals)
     targets = runs["converged_accuracy"].dropna()
     target = float(targets.iloc[0]) if len(targets) else None
     # Variants with a folder but no runs are named on the page; those are all known variants.
-    known = [n for n, i in infos.items() if i.folder]
-    status = summary.experiment_status(runs, name, expected, known)
+    known = {n for n, i in infos.items() if i.folder}
+    absent = sorted(known - {r.variant for r in rows})
     is_gen = name in summary.GENERALISATION
     figs = [
         {
             "title": "Iterations to target (ECDF)",
             "caption": "Fraction of finished seeds that have converged by each iteration, per "
-            "variant; a converged run counts from the first evaluation at which it reached the "
+            "row; a converged run counts from the first evaluation at which it reached the "
             "target. Curves end at the convergence rate. Dotted vertical lines: published "
-            "iterations to target (main experiments only).",
-            "uri": figures.ecdf_figure(runs, colours, infos, name),
+            "iterations to target (main experiments, rows that meet the budget rule).",
+            "uri": figures.ecdf_figure(row_runs, colours, row_infos, name),
         },
         {
             "title": "Learning curves: count accuracy",
-            "caption": "Held-out count accuracy at each periodic evaluation: one thin line per "
-            "seed, the median over seeds (thick) and its interquartile band. Dashed: the "
-            "convergence target.",
-            "uri": figures.learning_curves(evals, colours, "count_accuracy", target),
+            "caption": "Held-out count accuracy (sampled counts; runs of older code: the mode) "
+            "at each periodic evaluation, on every test image: one thin line per "
+            "seed, the median over seeds (thick) and its interquartile band, one panel per row. "
+            "Dashed: the convergence target.",
+            "uri": figures.learning_curves(row_evals, colours, "count_accuracy", target),
         },
         {
             "title": "Learning curves: ELBO",
             "caption": "Held-out ELBO (nats per image, one sample) at each evaluation, as above; "
             "the view starts at the 5th percentile so early values do not flatten the rest.",
-            "uri": figures.learning_curves(evals, colours, "elbo"),
+            "uri": figures.learning_curves(row_evals, colours, "elbo"),
         },
         {
             "title": f"Per-seed {summary.headline_label(name)}",
             "caption": "One dot per complete run (filled: converged; hollow: not converged), the "
-            "median as a black bar, and the published figure as a black triangle."
-            + ("" if is_gen else " Dashed: the convergence target."),
-            "uri": figures.final_accuracy_figure(runs, name, colours, infos, target),
+            "median as a black bar, and the published figure as a black triangle (rows that "
+            "meet the budget rule only; it was measured on the source's own test images, the "
+            "dots on held-out ones). Sampled counts; runs of older code count by the mode."
+            + (
+                " Grey crosses: runs that do not count their training counts, left out of the "
+                "median (the headline rule)."
+                if is_gen
+                else " Dashed: the convergence target."
+            ),
+            "uri": figures.final_accuracy_figure(row_runs, name, colours, row_infos, target),
         },
         {
             "title": "Count confusion matrices",
-            "caption": "Final evaluation, summed over the complete runs of each variant; each row "
-            "(true count) as fractions of its images. Mass right of the diagonal is "
+            "caption": "Final evaluation (sampled counts; runs of older code: the mode), summed "
+            "over the complete runs of each row; each row "
+            "of a matrix (true count) as fractions of its images. Mass right of the diagonal is "
             "over-counting, left of it under-counting.",
-            "uri": figures.confusion_figure(runs),
+            "uri": figures.confusion_figure(row_runs),
         },
     ]
     if is_gen:
         figs.append({
             "title": "Generalisation: AIR against DAIR",
             "caption": "Held-out-count accuracy of every seed in this experiment and its "
-            "companion; blue AIR, orange DAIR (model.dair), black bars medians, dashed lines the "
-            "paper's figures (Eslami et al. 2016, section 3.1.1).",
+            "companion; blue AIR, orange DAIR (model.dair), black bars medians of the runs that "
+            "count their training counts, grey crosses the runs that do not (left out), dashed "
+            "lines the paper's figures (Eslami et al. 2016, section 3.1.1).",
             "uri": generalisation,
         })  # fmt: skip
     samples: list[tuple[str, Any]] = []
     if reconstructions:
         from bench.report.samples import experiment_samples  # torch: only when drawing
 
-        samples = sorted(experiment_samples(runs).items())
+        drawn = experiment_samples(row_runs)
+        for s in drawn.values():
+            s.notes = [shown.text(note) for note in s.notes]
+        samples = [(r.key, drawn[r.key]) for r in rows if r.key in drawn]
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for v in verdicts:
+        by_variant.setdefault(v["variant"], []).append(v)
+    counted = [v for v in verdicts if v["in_grid"] is not False]
     return {
         "name": name,
         "page": page_name(name),
-        "variants": variants,
-        "status": status,
-        "rule": summary.convergence_rule(runs),
+        "variants": sorted({r.variant for r in rows}),
+        "status": state,
+        "absent_variants": absent,
+        "rule": sentence,
+        "rule_per_row": rule_per_row,
         "generalisation": is_gen,
         "headline_label": summary.headline_label(name),
         "verdicts": verdicts,
-        "by_variant": {r["variant"]: r for r in verdicts},
-        "converged": sum(r["k"] for r in verdicts),
+        "asked": counted,
+        "outside": [v for v in verdicts if v["in_grid"] is False],
+        "by_variant": by_variant,
+        "converged": sum(v["k"] for v in counted),
         "figures": figs,
-        "failures": summary.failures(runs),
-        "comparisons": summary.comparisons(runs, name),
+        "failures": _failures(runs, rows, shown),
+        "comparisons": summary.comparisons(runs, rows, name),
         "samples": samples,
-        "configs": summary.experiment_configs(runs, infos),
-        "provenance": summary.run_provenance(runs),
+        "configs": row_configs(rows),
+        "provenance": _run_provenance(runs, shown),
+        "budget_rule": budget_rule(),
+        "generalisation_rule": generalisation_rule(),
         "blank_accuracy": BLANK_MIN_ACCURACY,
         "blank_iou": BLANK_MAX_IOU,
     }
 
 
-def _report_provenance(results_root: str | Path | None, command: str | None) -> dict[str, Any]:
+class _PathShower:
+    """Paths as the pages print them: run folders relative to the results folder, and in
+    command lines the results and reports folders as <results> and <reports>, so that a report
+    made in a temporary folder names no folder of the machine that made it."""
+
+    def __init__(self, results_root: str | Path | None, reports_root: str | Path | None) -> None:
+        self.roots = _forms(results_root)
+        absolute = [(f, "<results>") for f in self.roots if f.startswith("/")]
+        absolute += [(f, "<reports>") for f in _forms(reports_root) if f.startswith("/")]
+        self.placeholders = sorted(absolute, key=lambda pair: -len(pair[0]))
+
+    def __call__(self, path: Any) -> str:
+        text = str(path)
+        for root in self.roots:
+            if text == root:
+                return "."
+            if text.startswith(root + "/"):
+                return text[len(root) + 1 :]
+        return text
+
+    def text(self, message: str) -> str:
+        """A message with every mention of a path inside the results folder made relative."""
+        for root in self.roots:
+            message = message.replace(root + "/", "")
+        return message
+
+    def command(self, line: Any) -> Any:
+        """A command line with the results and reports folders written <results>, <reports>."""
+        if not isinstance(line, str):
+            return line
+        for form, placeholder in self.placeholders:
+            line = re.sub(r"(?<![\w./-])" + re.escape(form) + r"(?![\w.-])", placeholder, line)
+        return line
+
+
+def _failures(runs: pd.DataFrame, rows: list[Row], shown: _PathShower) -> dict[str, Any]:
+    """summary.failures, with run folders and the paths in tracebacks made relative (to the
+    results folder, or to the project for its own source files)."""
+    out = summary.failures(runs, rows, shown)
+    project = str(Path(__file__).resolve().parents[2]) + "/"
+    for f in out["runs"]:
+        f["traceback"] = shown.text(f["traceback"]).replace(project, "")
+    return out
+
+
+def _run_provenance(runs: pd.DataFrame, shown: _PathShower) -> dict[str, Any]:
+    """summary.run_provenance, with the folders in its command lines written as placeholders."""
+    prov = summary.run_provenance(runs)
+    counts: dict[str, int] = {}
+    for line, n in prov["commands"]:
+        counts[shown.command(line)] = counts.get(shown.command(line), 0) + n
+    prov["commands"] = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return prov
+
+
+def _forms(root: str | Path | None) -> list[str]:
+    """The ways a folder may be written: as given, absolute, resolved (longest first)."""
+    if root is None:
+        return []
+    path = Path(root)
+    forms = {str(f).rstrip("/") for f in (path, path.absolute(), path.resolve())}
+    return sorted((f for f in forms if f not in ("", ".")), key=len, reverse=True)
+
+
+def shown_root(results_root: str | Path | None) -> str:
+    """The results folder as the pages name it: relative to the working directory when it is
+    inside it, else by its name only (a page names no folder of the machine that made it)."""
+    if results_root is None:
+        return "(tables given)"
+    path = Path(results_root)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return f"{path.resolve().name} (a folder outside the working directory)"
+
+
+def _report_provenance(
+    results_root: str | Path | None, command: str | None, grid: GridRecord | None
+) -> dict[str, Any]:
     """Where this report came from: command, code version, packages, machine."""
     from bench.provenance import git_commit
 
@@ -232,19 +388,17 @@ def _report_provenance(results_root: str | Path | None, command: str | None) -> 
             packages.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             packages.append((name, None))
+    if command is None:
+        command = " ".join(sys.argv)
+        if "submitit" in sys.argv[0] and grid is not None:  # the SLURM report job of a grid
+            command = f"{grid.command}  (its SLURM report job)"
     return {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "results_root": str(results_root) if results_root is not None else "(tables given)",
-        "command": command if command is not None else " ".join(sys.argv),
+        "results_root": shown_root(results_root),
+        "command": command,
         "git_commit": git_commit(),
         "packages": packages,
         "python": sys.version.split()[0],
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip()
-        + f", {_cpu_count()} CPU cores, {platform.system()} {platform.release()}",
+        + f", {os.cpu_count() or 1} CPU cores, {platform.system()} {platform.release()}",
     }
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1

@@ -22,11 +22,12 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from bench.report import stats
+from bench.report.configs import VariantInfo
+from bench.report.measures import qualifies
 from bench.report.summary import (
     FINISHED,
     GENERALISATION,
     PAPER_GENERALISATION,
-    VariantInfo,
     confusion_sum,
     headline_column,
     headline_label,
@@ -72,7 +73,7 @@ def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (4.2, 2.9)) -> tup
     return fig, axes[:n]
 
 
-def _short(name: str, width: int = 28) -> str:
+def _short(name: str, width: int = 36) -> str:
     return name if len(name) <= width else name[: width - 1] + "\u2026"
 
 
@@ -175,9 +176,16 @@ def final_accuracy_figure(
             ok = (g["outcome"] == "converged").to_numpy()
             colour = colours[variant]
             values = g[column].to_numpy(dtype=float)
-            ax.scatter(x[ok], values[ok], color=colour, s=30, zorder=3)
-            ax.scatter(x[~ok], values[~ok], facecolor="white", edgecolor=colour, s=30, zorder=3)
-            ax.hlines(np.median(values), i - 0.3, i + 0.3, color="black", lw=2, zorder=4)
+            # Generalisation: runs that do not count the training counts are crosses, left out
+            # of the median (bench.report.measures, the headline rule).
+            counted = qualifies(g).to_numpy() if experiment in GENERALISATION else ok | ~ok
+            ax.scatter(x[ok & counted], values[ok & counted], color=colour, s=30, zorder=3)
+            ax.scatter(x[~ok & counted], values[~ok & counted], facecolor="white",
+                       edgecolor=colour, s=30, zorder=3)  # fmt: skip
+            ax.scatter(x[~counted], values[~counted], marker="x", color="0.5", s=30, zorder=3)
+            if counted.any():
+                ax.hlines(np.median(values[counted]), i - 0.3, i + 0.3, color="black", lw=2,
+                          zorder=4)  # fmt: skip
             published = _published_accuracy(infos.get(variant), experiment)
             if published is not None:
                 ax.scatter([i + 0.36], [published], marker="<", color="black", s=50, zorder=4)
@@ -221,7 +229,7 @@ def confusion_figure(runs: pd.DataFrame) -> str | None:
                 yticklabels=np.arange(len(m))[keep], xticklabels=np.arange(len(m)),
             )  # fmt: skip
             ax.set(xlabel="inferred count", ylabel="true count")
-            ax.set_title(_short(variant, 34), fontsize=10)
+            ax.set_title(_short(variant, 40), fontsize=10)
         return to_uri(fig)
 
 
@@ -246,15 +254,21 @@ def generalisation_figure(
             data = runs[(runs["experiment"] == experiment) & (runs["status"] == "complete")]
             variants = sorted(data["variant"].unique(), key=lambda v: (_family(infos, v), v))
             for i, variant in enumerate(variants):
-                values = data.loc[data["variant"] == variant, column].to_numpy(dtype=float)
-                values = values[np.isfinite(values)]
+                mine = data[data["variant"] == variant]
+                counted = qualifies(mine).to_numpy()  # the headline rule: the others are crosses
                 colour = FAMILY_COLOURS[_family(infos, variant)]
-                ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, color=colour,
+                every = mine[column].to_numpy(dtype=float)
+                jitter = i + rng.uniform(-0.15, 0.15, len(every))
+                ax.scatter(jitter[~counted], every[~counted], marker="x", color="0.5", s=24,
+                           zorder=3)  # fmt: skip
+                values = every[counted & np.isfinite(every)]
+                ax.scatter(jitter[counted & np.isfinite(every)], values, color=colour,
                            s=28, alpha=0.8, zorder=3)  # fmt: skip
                 if len(values):
                     ax.hlines(np.median(values), i - 0.3, i + 0.3, color="black", lw=2)
                 else:  # say so, rather than leave a gap that reads as "0 %"
-                    ax.text(i, 0.5, "no data", ha="center", rotation=90, fontsize=8, color="0.4")
+                    ax.text(i, 0.5, "no run counts\nits training counts", ha="center",
+                            rotation=90, fontsize=8, color="0.4")  # fmt: skip
             for family, value in PAPER_GENERALISATION[experiment].items():
                 ax.axhline(value, color=FAMILY_COLOURS[family], ls="--", lw=1.5)
                 ax.annotate(  # outside the axes, right of the line: never over the dots
@@ -262,7 +276,7 @@ def generalisation_figure(
                     "data"), xytext=(4, 0), textcoords="offset points", ha="left",
                     va="center", fontsize=8, color=FAMILY_COLOURS[family],
                 )  # fmt: skip
-            labels = [f"{_short(v, 22)} ({_family(infos, v)})" for v in variants]
+            labels = [f"{_short(v, 32)} ({_family(infos, v)})" for v in variants]
             ax.set_xticks(range(len(variants)), labels, fontsize=8, rotation=30, ha="right")
             ax.set_xlim(-0.6, max(len(variants), 1) - 0.4)
             ax.set(ylim=(-0.03, 1.05), ylabel=headline_label(experiment), title=experiment)
