@@ -30,7 +30,10 @@ from tqdm import tqdm
 from bench import metrics
 from bench.config import RunConfig, config_hash, to_yaml
 from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, load_or_generate
+from bench.data.protocols import reference_test_set
 from bench.evaluate import evaluate, to_float_images
+from bench.model_file import save_final_model
+from bench.progress import PROGRESS, ProgressFile
 from bench.provenance import provenance
 from bench.runtime import keep_freed_memory
 from bench.storage import (
@@ -251,8 +254,15 @@ class Trainer:
     def prior_prob(self, iteration: int) -> float:
         return prior_prob_at(self.cfg.prior, iteration)
 
-    def evaluate(self, n_images: int, iw_samples: int, iw_images: int | None = None) -> dict:
-        test = self.data.test
+    def evaluate(
+        self, n_images: int, iw_samples: int, iw_images: int | None = None, test: Any = None
+    ) -> dict:
+        """Metrics on the first `n_images` test images (keys: bench/evaluate.py's docstring).
+
+        `test`: another test set (a reference protocol's, bench/data/protocols.py); default the
+        run's own held-out test set.
+        """
+        test = self.data.test if test is None else test
         n = min(n_images, len(test))
         return evaluate(
             self.model,
@@ -264,6 +274,8 @@ class Trainer:
             iw_images=iw_images,
             batch_size=self.cfg.eval.batch_size,
             seed=self.cfg.seed + 7919,
+            frame_boxes=test.frame_boxes[:n],
+            train_counts=self.cfg.data.train_counts,
         )
 
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -273,7 +285,9 @@ class Trainer:
         """
         if self.prepare():
             self._loop(stop_after)
-        if self.needs_training():
+        # After a stop request no final evaluation is started (it can take minutes): the run
+        # is checkpointed, and resuming it runs just the final evaluation.
+        if self.needs_training() or self.stop_requested:
             return {"status": "partial", "iteration": self.iteration}
         return self.finish()
 
@@ -302,6 +316,7 @@ class Trainer:
         n_train = len(self.train_images)
         running = self.running
         since_ckpt = time.monotonic()
+        progress = ProgressFile(self.run_dir / PROGRESS, tc.iterations, self.iteration)
         bar = tqdm(
             total=tc.iterations, initial=self.iteration, disable=not tc.progress,
             desc=f"train {Path(cfg.out_dir).name}", unit="it", dynamic_ncols=True,
@@ -309,7 +324,9 @@ class Trainer:
         self.model.train()
         self.estimator.train()
         with bar:
-            while self.iteration < end:
+            # Checked before every step, so a stop asked for during setup (or compilation,
+            # inside the first step) is honoured before the next one.
+            while self.iteration < end and not self.stop_requested:
                 t0 = time.perf_counter()
                 idx = batch_indices(cfg.seed, self.iteration, n_train, tc.batch_size)
                 x = to_float_images(self.train_images[idx], self.device)
@@ -321,6 +338,7 @@ class Trainer:
                 self.elapsed += time.perf_counter() - t0
                 self.accumulate(loss_value, logs)
                 bar.update(1)
+                progress.update(self.iteration, self.elapsed)
                 if self.iteration % tc.log_every == 0:
                     bar.set_postfix(elbo=f"{float(logs.get('elbo', float('nan'))):.1f}")
                 if self.iteration % tc.eval_every == 0 or self.iteration == tc.iterations:
@@ -330,10 +348,10 @@ class Trainer:
                 if self.iteration % tc.checkpoint_every == 0 or minutes >= tc.checkpoint_minutes:
                     self.save_checkpoint()
                     since_ckpt = time.monotonic()
-                if self.stop_requested:
-                    break  # the checkpoint below makes the stop lossless
+        # Also after a stop request: the checkpoint here makes the stop lossless.
         if self.iteration % tc.checkpoint_every != 0 or self.status.get("diverged_at"):
             self.save_checkpoint()
+        progress.update(self.iteration, self.elapsed, force=True)
 
     def step(self, x: torch.Tensor, prior_prob: float) -> tuple[float, float, dict[str, Any]]:
         """One optimisation step on batch `x`: (loss, gradient norm, logs).
@@ -415,15 +433,19 @@ class Trainer:
         }
         append_json_line(self.run_dir / "metrics.jsonl", record)
         log.info(
-            "%s it %d: count acc %.3f, elbo %.1f",
-            self.run_dir.name, self.iteration, result["count_accuracy"], result["elbo"],
+            "%s it %d: count acc %.3f (mode %.3f), over/under %.3f/%.3f, elbo %.1f (%s)",
+            self.run_dir.name, self.iteration, result["count_accuracy"],
+            result["count_accuracy_mode"], result["over_count_rate"], result["under_count_rate"],
+            result["elbo"], result["likelihood"],
         )  # fmt: skip
 
     # ------------------------------------------------------------------ result
     def finish(self) -> dict[str, Any]:
         cfg, ev = self.cfg, self.cfg.eval
         history = read_json_lines(self.run_dir / "metrics.jsonl")
-        accs = [r["count_accuracy"] for r in history]
+        # Converged means: the sampled count accuracy on test images of the counts the run
+        # trains on (all of them in `count`; the unseen count is the generalisation figure).
+        accs = [r.get("count_accuracy_in_distribution", r["count_accuracy"]) for r in history]
         its = [r["iteration"] for r in history]
         diverged_at = self.status.get("diverged_at")
         final = None
@@ -431,10 +453,11 @@ class Trainer:
             log.info("%s: final evaluation on %d images (K=%d)", self.run_dir.name,
                      ev.final_images, ev.iw_samples)  # fmt: skip
             final = self.evaluate(ev.final_images, ev.iw_samples, ev.iw_images)
+            protocols = self._evaluate_protocols()
             converged = metrics.is_converged(accs, ev.converged_accuracy, ev.converged_evals)
             outcome = "converged" if converged else "not_converged"
         else:
-            outcome = "diverged"
+            outcome, protocols = "diverged", {}
         result = {
             "status": "complete",
             "outcome": outcome,
@@ -443,12 +466,39 @@ class Trainer:
             "wall_time_s": self.elapsed,
             "iterations_to_target": metrics.iterations_to_target(its, accs, ev.converged_accuracy),
             "final": final,
+            "final_protocols": protocols,
             "config_hash": self.hash,
             "seed": cfg.seed,
             "provenance": provenance(self.device),
         }
+        # A finished run keeps its weights only (model.pt: what the report and bench.api need),
+        # written before result.json marks it complete; the resumable checkpoints (model,
+        # estimator, Adam state: ~5x larger, twice) go once it is.
+        save_final_model(self.run_dir, self.model, iteration=self.iteration,
+                         config_hash=self.hash, diverged_at=diverged_at)  # fmt: skip
         atomic_write_json(self.run_dir / "result.json", result)
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            (self.run_dir / name).unlink(missing_ok=True)
         return result
+
+    def _evaluate_protocols(self) -> dict[str, dict]:
+        """Final metrics on each reference protocol's test images (`data.reference_protocols`),
+        so that a published row is compared on the test set it was measured on."""
+        out: dict[str, dict] = {}
+        cfg, ev = self.cfg, self.cfg.eval
+        for name in cfg.data.reference_protocols:
+            if sorted(cfg.data.test_counts) != [0, 1, 2] or cfg.model.canvas != 50:
+                # The references' test sets hold 0-2 digits on 50x50 canvases: they measure the
+                # count experiment only. Say so in the result rather than fail the run.
+                log.info("%s: protocol %s skipped (its images hold 0-2 digits on 50x50)",
+                         self.run_dir.name, name)  # fmt: skip
+                out[name] = {"skipped": "the protocol's test images hold 0-2 digits on 50x50"}
+                continue
+            test = reference_test_set(cfg.data, name, n=ev.final_images, canvas=cfg.model.canvas)
+            log.info("%s: final evaluation on protocol %s (%d images)", self.run_dir.name, name,
+                     min(ev.final_images, len(test)))  # fmt: skip
+            out[name] = self.evaluate(ev.final_images, ev.iw_samples, ev.iw_images, test=test)
+        return out
 
 
 def train_run(cfg: RunConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -317,3 +318,17 @@ def test_default_cache_dir(
     assert multi_mnist.default_cache_dir() == tmp_path
     load_or_generate(MultiMnistSpec(20, "test", counts=(1,)))
     assert len(list(tmp_path.glob("multi_mnist-test-20-*.npz"))) == 1
+
+
+def test_default_test_set_is_pinned(mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
+    """The headline test set (protocol heldout: DataConfig's defaults) never changes silently.
+
+    The digest was taken from the generator at commit 66d4080, before the test protocols were
+    added; a change of GENERATOR_VERSION for new arrays must leave these five as they are.
+    """
+    data = generate(MultiMnistSpec(10000, "test", counts=(0, 1, 2), seed=0), *mnist_test)
+    h = hashlib.sha256()
+    for name in ("images", "counts", "boxes", "labels", "source_index"):
+        a = np.ascontiguousarray(getattr(data, name))
+        h.update(name.encode() + a.dtype.str.encode() + str(a.shape).encode() + a.tobytes())
+    assert h.hexdigest() == "30eb4bc6f67bc970bf2323618f95a2c1618d245847f1e2f46b7856b774ad5d78"

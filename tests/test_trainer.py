@@ -105,10 +105,9 @@ def test_completed_run_is_skipped_and_corrupt_result_redone(tiny_config) -> None
 
 def test_corrupt_checkpoint_falls_back_then_fails_clearly(tiny_config) -> None:
     cfg = tiny_config("train.iterations=8", out="ck")
-    Trainer(cfg).run(stop_after=8 - 0)
+    Trainer(cfg).run(stop_after=7)  # checkpoints at 4 and 7 (a finished run keeps neither)
     run_dir = Path(cfg.out_dir)
     assert (run_dir / PREVIOUS_CHECKPOINT).exists()
-    (run_dir / "result.json").unlink()
     data = (run_dir / CHECKPOINT).read_bytes()
     (run_dir / CHECKPOINT).write_bytes(data[: len(data) // 3])  # truncated by a crash
     t = Trainer(cfg)
@@ -200,8 +199,9 @@ def test_run_all_smoke_subprocess(tmp_path: Path, data_cache: Path) -> None:
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["status"] == "complete" and summary["iterations"] == 6
     assert np.isfinite(summary["elbo"]) and np.isfinite(summary["iw_bound"])
-    for name in ("config.yaml", "metrics.jsonl", "result.json", "checkpoint.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "result.json", "model.pt"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoint.pt").exists()  # a finished run keeps its weights only
     assert len(read_json_lines(out / "metrics.jsonl")) == 2
     bad = subprocess.run([*cmd[:-1], "model.lstm_hiden=32"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)  # fmt: skip

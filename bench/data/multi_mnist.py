@@ -44,7 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Part of every cache key; bump whenever the algorithm's output for a given spec changes.
-GENERATOR_VERSION = 1
+#: 2: adds ``frame_boxes`` (images, counts and ink boxes are unchanged from 1).
+GENERATOR_VERSION = 2
 #: Most digits a canvas may hold.
 MAX_COUNT = 5
 #: Position draws per digit before the whole image is redrawn with new digits and scales.
@@ -58,7 +59,7 @@ RENDER_CHUNK = 16384
 #: Empty pixels around a rendered digit frame, so bilinear bleed at its edges is not cut off.
 _MARGIN = 1
 _SPLITS = ("train", "test")
-_ARRAYS = ("images", "counts", "boxes", "labels", "source_index")
+_ARRAYS = ("images", "counts", "boxes", "labels", "source_index", "frame_boxes")
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,10 @@ class MultiMnist:
         source_index: int64 ``(N, max_count)`` index of the MNIST digit within its split, -1 for
             absent digits.
         spec: the spec it was generated from.
+        frame_boxes: float32 ``(N, max_count, 4)`` box ``(x0, y0, x1, y1)`` of each digit's whole
+            rescaled 28x28 frame as pasted on the canvas (a square of side ``28 / s``, in the same
+            pixel-edge coordinates as ``boxes``; it may extend past the canvas edge). NaN rows
+            for absent digits. An attention window is a square, so this is the box it can match.
     """
 
     images: np.ndarray
@@ -162,6 +167,7 @@ class MultiMnist:
     labels: np.ndarray
     source_index: np.ndarray
     spec: MultiMnistSpec
+    frame_boxes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.images)
@@ -235,7 +241,13 @@ def generate(
     boxes = placed.astype(np.float32)
     boxes[~active] = np.nan
     labels = np.where(active, mnist_labels[np.maximum(source, 0)].astype(np.int64), -1)
-    return MultiMnist(images, counts, boxes, labels, source, spec)
+    # The scaled frame starts _MARGIN pixels into its patch (see _render); the patch origin on
+    # the canvas is the placed ink box minus the ink box inside the patch.
+    corner = placed[..., :2] - local[..., :2] + _MARGIN
+    side = DIGIT * ratio[..., None]
+    frame_boxes = np.concatenate([corner, corner + side], axis=-1).astype(np.float32)
+    frame_boxes[~active] = np.nan
+    return MultiMnist(images, counts, boxes, labels, source, spec, frame_boxes)
 
 
 def _draw_ratios(rng: np.random.Generator, spec: MultiMnistSpec, m: int) -> np.ndarray:
