@@ -195,7 +195,9 @@ def test_nvil_baseline_is_used_and_gets_gradient() -> None:
     assert not torch.allclose(g_with, g_shifted), "the baseline does not enter the learning signal"
     est.params.use_baseline = False
     g_without = presence_grad()
-    assert not torch.allclose(g_with, g_without)
+    # Against the shifted baseline: the freshly initialised one may be scaled to near zero
+    # (NVIL.Params.baseline_scale), so that without a baseline it barely differs.
+    assert not torch.allclose(g_shifted, g_without)
 
 
 def test_vimco_leave_one_out_signal_matches_direct_formula() -> None:

@@ -11,6 +11,7 @@ from their own `estimator.py`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -92,6 +93,26 @@ def downstream_elbo(trace: Trace) -> torch.Tensor:
     return trace.log_lik[None, :] - later_kl
 
 
+LEARNING_SIGNALS = ("downstream_elbo", "reconstruction")
+
+
+def learning_signal(trace: Trace, form: str) -> torch.Tensor:
+    """(T, B) the learning signal of each step's presence, before any baseline.
+
+    "downstream_elbo": `downstream_elbo` (the reconstruction and the KL of this step and the
+    later ones; Pyro, addtt). "reconstruction": log p(x | z) alone, the same for every step, as
+    akosiorek's model.py (`reinforce_imp_weight = rec_loss_per_sample`): there the KL terms are
+    taken in expectation over the presences (`model.presence_kl: expected`) and get their
+    gradient directly, so the score function needs only the reconstruction. With sampled KL
+    weights the KL's dependence on the presences would be missing from the gradient.
+    """
+    if form == "downstream_elbo":
+        return downstream_elbo(trace)
+    if form == "reconstruction":
+        return trace.log_lik[None, :].expand_as(trace.z_pres)
+    raise ValueError(f"learning signal must be one of {list(LEARNING_SIGNALS)}, got {form!r}")
+
+
 def score_function_surrogate(
     log_q: torch.Tensor, signal: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -107,8 +128,9 @@ class NVIL(Estimator):
     """NVIL (Mnih & Gregor, 2014): REINFORCE for z_pres with a learned, data-dependent baseline.
 
     The baseline is its own LSTM over the image and the previous step's latents (all detached),
-    predicting each step's downstream ELBO; it is fitted by squared error at its own learning
-    rate. Optionally the centred signal is normalised by running estimates of its mean and sd.
+    predicting each step's learning signal (`Params.learning_signal`: the downstream ELBO, or the
+    reconstruction term alone); it is fitted by squared error at its own learning rate.
+    Optionally the centred signal is normalised by running estimates of its mean and sd.
     """
 
     @dataclass
@@ -122,9 +144,49 @@ class NVIL(Estimator):
         # presence gradient against the pathwise ones that share the LSTM.
         normalise: bool = False
         signal_decay: float = 0.9  # decay of the running mean/var used by `normalise`
+        # The baseline network's output is multiplied by this before use. 1.0: addtt's PyTorch
+        # AIR (the baseline regresses the per-image signal). 64/60000: Pyro's AIR example, whose
+        # TraceGraph_ELBO scales every log-probability by the plate's subsample factor N/B, so
+        # its baseline regresses N/B = 937.5 x the signal; Adam ignores a loss's scale, so that
+        # is exactly `net(h) * B/N` here. At lr 0.1 the first Adam steps move an unscaled
+        # baseline by tens of nats, a scaled one by a fraction of a nat; neither learned to
+        # count faster in our measurements (docs/pyro_parity.md).
+        baseline_scale: float = 1.0
+        # What the baseline predicts and the score function is weighted by (`learning_signal`):
+        # "downstream_elbo" (log p(x|z) minus the KL of this and later steps, per step; Pyro,
+        # addtt) or "reconstruction" (log p(x|z) only, akosiorek; pair it with
+        # model.presence_kl: expected, as the reference does, or the gradient is biased).
+        learning_signal: str = "downstream_elbo"
+        # How the KL terms enter the gradient. "analytic": closed-form KLs, differentiated
+        # (lower variance). "sampled": Pyro's TraceGraph_ELBO: one-sample log p - log q of every
+        # latent, the presence's only through the score function (no pathwise term), and the
+        # signal of step t the sampled log-ratios of steps >= t plus log p(x | z).
+        kl_estimate: str = "analytic"
+
+        def __post_init__(self) -> None:
+            if self.learning_signal not in LEARNING_SIGNALS:
+                raise ValueError(
+                    f"estimator.params.learning_signal must be one of {list(LEARNING_SIGNALS)}, "
+                    f"got {self.learning_signal!r}"
+                )
+            if self.kl_estimate not in ("analytic", "sampled"):
+                raise ValueError(
+                    "estimator.params.kl_estimate must be 'analytic' or 'sampled', "
+                    f"got {self.kl_estimate!r}"
+                )
+            if self.kl_estimate == "sampled" and self.learning_signal != "downstream_elbo":
+                raise ValueError(
+                    "estimator.params.kl_estimate 'sampled' needs learning_signal "
+                    f"'downstream_elbo' (Pyro's form), got {self.learning_signal!r}"
+                )
 
     def __init__(self, model: AIR, params: Params) -> None:
         super().__init__(model, params)
+        scale = params.baseline_scale
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"estimator.params.baseline_scale: expected a positive number, got {scale!r}"
+            )
         cfg = model.cfg
         self.baseline_rnn = ImageLSTM(cfg.canvas**2, model.latent_dim, params.baseline_hidden)
         self.baseline_out = mlp([params.baseline_hidden, params.baseline_head_hidden, 1])
@@ -147,12 +209,20 @@ class NVIL(Estimator):
         for t in range(steps):
             state = self.baseline_rnn.step(gates, first if t == 0 else prev[t - 1], state)
             hidden.append(state[0])
-        return self.baseline_out(torch.stack(hidden)).squeeze(-1)  # the head: all steps at once
+        value = self.baseline_out(torch.stack(hidden)).squeeze(-1)  # the head: all steps at once
+        return value * self.params.baseline_scale
 
     def loss(self, model: AIR, x: torch.Tensor, prior_prob: float) -> EstimatorOutput:
         trace = model(x, prior_prob)
         elbo = trace.elbo()
-        target = downstream_elbo(trace).detach()
+        if self.params.kl_estimate == "sampled":  # Pyro's surrogate (see Params.kl_estimate)
+            sampled = trace.log_ratio_pres + trace.log_ratio_cont  # (T, B) log p - log q
+            later = sampled.flip(0).cumsum(0).flip(0)
+            target = (trace.log_lik[None, :] + later).detach()
+            objective = trace.log_lik + trace.log_ratio_cont.sum(0)
+        else:
+            target = learning_signal(trace, self.params.learning_signal).detach()
+            objective = elbo
         mask = trace.ran
         if self.params.use_baseline:
             value = self.baseline(x, trace)
@@ -163,7 +233,7 @@ class NVIL(Estimator):
             centred, baseline_loss = target, torch.zeros((), device=x.device)
         signal = self._normalise(centred, mask) if self.params.normalise else centred
         surrogate = score_function_surrogate(trace.log_q_pres, signal, mask)
-        loss = -(elbo + surrogate).mean() + baseline_loss
+        loss = -(objective + surrogate).mean() + baseline_loss
         runs = mask.sum().clamp_min(1.0)
         signal_mean = (centred * mask).sum() / runs
         logs = {

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from implementations.core.priors import count_prior_step_log_probs
 from implementations.core.spatial import crop, paste, where_to_box
 
 LOG_2PI = math.log(2 * math.pi)
@@ -39,11 +40,43 @@ class ModelConfig:
     where_prior_loc: list[float] = field(default_factory=lambda: [3.0, 0.0, 0.0])
     where_prior_scale: list[float] = field(default_factory=lambda: [0.2, 1.0, 1.0])
     where_scale_init: float = 0.1  # initial posterior sd of z_where (keeps early zooms sane)
+    # True: Pyro's form (examples/air/air.py, guide_step): sd = softplus(out) * prior sd, the
+    # head's bias left at nn.Linear's init, so the sd starts near 0.69 x (0.2, 1, 1);
+    # `where_scale_init` is then unused. False: sd = softplus(out), starting at where_scale_init.
+    where_scale_relative: bool = False
     dair: bool = False  # DAIR: the encoder sees the image minus the canvas drawn so far
     sparse_images: bool | None = None  # sparse image projection; None: on CPU, not on GPUs
     presence: str = "bernoulli"  # "bernoulli" (discrete z_pres) or "concrete" (relaxed)
     concrete_temperature: float = 1.0  # temperature of the Concrete relaxation
     concrete_stop: float = 0.99  # relaxed: stop once the running sum of (1 - z_pres) reaches it
+    # Relaxed: which stop sum decides whether a step's object is drawn and its window and
+    # appearance are scored. "before": the sum before this step's (1 - z_pres) is added, so the
+    # step that crosses `concrete_stop` is still drawn (this harness's original rule); "after":
+    # the sum after it, so that step is not drawn and its KL not counted (aakhundov's
+    # air_model.py, where the canvas and the where/what KL are gated on the updated stop sum).
+    # The presence KL is always counted for every step that ran (both rules, and aakhundov's).
+    concrete_gate: str = "before"
+    # Relaxed: True multiplies the window and appearance KL of each step by its relaxed z_pres
+    # (the original rule); False counts it unscaled wherever the gate is on (aakhundov).
+    concrete_scale_kl: bool = True
+    # Prior on the number of objects n, from the success probability s (prior.* in the run
+    # config). "per_step": a Bernoulli(s) prior on each step that runs, i.e. a geometric cut at
+    # max_steps whose last count takes the whole tail, p(max_steps) = s^max_steps (Pyro, addtt);
+    # "count": p(n) = s^n (1 - s) for n = 0..max_steps (akosiorek's prior.py), under which the
+    # last step costs log s like every other one instead of gaining log(s / (1 - s)).
+    presence_prior: str = "per_step"
+    # "count" prior only: False keeps akosiorek's truncated table as it is (its mass is
+    # 1 - s^(max_steps + 1): the KL gains the constant -log of it, 14.7 nats at s = 1 - 1e-7,
+    # 0.06 at s = 0.5, 1e-4 at s = 0.1; no gradient changes); True divides by that mass.
+    count_prior_normalised: bool = False
+    # Bernoulli presence: how the KL terms are weighted. "sampled": the presence KL of each step
+    # that ran and the window/appearance KL of each step that is on, for the sampled presences
+    # (Pyro, addtt); "expected": each step's presence KL by q's probability of reaching the step
+    # and its window/appearance KL by q's probability that it is on (q(n > t)), which makes the
+    # presence KL exactly KL(q(n) || p(n)) over counts and differentiable in the presence
+    # probabilities (akosiorek's model.py, `analytic=True`). The sampled log-ratios of the
+    # importance weight are the same either way.
+    presence_kl: str = "sampled"
 
 
 @dataclass
@@ -60,7 +93,8 @@ class Trace:
     """Everything one forward pass sampled, with the ELBO kept per step.
 
     Shapes: T = max_steps, B = batch. Per-step terms are already masked: a step that did not run
-    (an earlier `z_pres` was 0) contributes zero.
+    (an earlier `z_pres` was 0) contributes zero, except to the KL terms under
+    `presence_kl: expected`, which weight every step by q's probabilities instead.
     """
 
     z_pres: torch.Tensor  # (T, B) sampled presence (0/1, or relaxed in (0, 1))
@@ -71,12 +105,15 @@ class Trace:
     log_q_pres: torch.Tensor  # (T, B) log q of the sampled presence (score-function term)
     kl_pres: torch.Tensor  # (T, B) presence KL: analytic (Bernoulli) or sampled (Concrete)
     log_ratio_pres: torch.Tensor  # (T, B) sampled log p - log q of the presence
-    kl_where: torch.Tensor  # (T, B) analytic KL of z_where, for steps that are on
-    kl_what: torch.Tensor  # (T, B) analytic KL of z_what, for steps that are on
+    kl_where: torch.Tensor  # (T, B) analytic KL of z_where, weighted as `presence_kl` says
+    kl_what: torch.Tensor  # (T, B) analytic KL of z_what, weighted as `presence_kl` says
     log_ratio_cont: torch.Tensor  # (T, B) sampled log p - log q of z_where and z_what
     log_lik: torch.Tensor  # (B,) log p(x | z)
     canvas: torch.Tensor  # (B, H, W) reconstruction
     extras: dict = field(default_factory=dict)  # variant-specific tensors
+    # (T, B) relaxed presence with `concrete_gate: after` only: 1 where the step's object is
+    # drawn (the stop sum after its update is still below `concrete_stop`); None otherwise.
+    kept: torch.Tensor | None = None
 
     def kl(self) -> torch.Tensor:
         """(T, B) KL contribution of each step."""
@@ -90,9 +127,19 @@ class Trace:
         """(B,) importance weight log p(x, z) - log q(z | x) with every latent sampled."""
         return self.log_lik + self.log_ratio_pres.sum(0) + self.log_ratio_cont.sum(0)
 
+    def on_mask(self) -> torch.Tensor:
+        """(T, B) bool: the steps counted as objects, always a prefix of the steps.
+
+        Relaxed presence rounded at 0.5; with `concrete_gate: after`, the steps that are drawn
+        (aakhundov counts a step when the stop sum after it is below the threshold).
+        """
+        if self.kept is not None:
+            return self.kept > 0
+        return (self.z_pres >= 0.5).long().cumprod(0).bool()
+
     def counts(self) -> torch.Tensor:
-        """(B,) number of steps that were on (relaxed presence rounded at 0.5)."""
-        return (self.z_pres >= 0.5).long().cumprod(0).sum(0)
+        """(B,) number of steps that were on (see `on_mask`)."""
+        return self.on_mask().long().sum(0)
 
 
 def _gaussian_kl(
@@ -282,6 +329,7 @@ class AIR(nn.Module):
             raise ValueError(
                 f"model.presence must be 'bernoulli' or 'concrete', got {cfg.presence!r}"
             )
+        _check_presence_options(cfg)
         self.cfg = cfg
         pixels, glimpse = cfg.canvas**2, cfg.window**2
         self.latent_dim = 3 + cfg.z_what_dim + 1  # previous (z_where, z_what, z_pres)
@@ -294,7 +342,8 @@ class AIR(nn.Module):
             # mostly empty (Pyro's bias -2): a decoder that starts bright turns every step on.
             head = self.predict[-1]
             head.bias[1:4] = torch.tensor(cfg.where_prior_loc)
-            head.bias[4:7] = math.log(math.expm1(cfg.where_scale_init))
+            if not cfg.where_scale_relative:
+                head.bias[4:7] = math.log(math.expm1(cfg.where_scale_init))
             self.decoder[-1].bias.fill_(cfg.decoder_bias)
         # Noise for the next forward passes, in call order: lets a caller (the seed-vectorised
         # trainer) supply each seed's own random numbers; empty means "draw from the RNG".
@@ -362,6 +411,7 @@ class AIR(nn.Module):
         ran = x.new_ones(batch)  # step t runs only if every earlier step was on
         stop_sum = x.new_zeros(batch)  # relaxed: running sum of (1 - z_pres)
         relaxed = cfg.presence == "concrete"
+        gate_after = relaxed and cfg.concrete_gate == "after"
         image_gates = None if cfg.dair else self.rnn.project(flat)
         steps: dict[str, list[torch.Tensor | None]] = {}
 
@@ -375,6 +425,8 @@ class AIR(nn.Module):
             out = self.predict(state[0])
             pres_logit, where_loc = out[:, 0], out[:, 1:4]
             where_scale = F.softplus(out[:, 4:7])
+            if cfg.where_scale_relative:
+                where_scale = where_scale * self.where_prior_scale
 
             if noise is None:  # modes: on iff q's probability >= 0.5
                 pres_y, z_pres = None, (pres_logit >= 0).to(dtype)
@@ -391,21 +443,25 @@ class AIR(nn.Module):
             enc = self.encoder(crop(seen, z_where, cfg.window).reshape(batch, -1))
             what_loc, what_scale = enc[:, : cfg.z_what_dim], F.softplus(enc[:, cfg.z_what_dim :])
             z_what = what_loc if noise is None else what_loc + what_scale * noise.what[t]
-            if cfg.dair:
-                canvas = canvas + z_pres[:, None, None] * self._draw(z_what, z_where)
-
-            latents = dict(pres_logit=pres_logit, pres_y=pres_y, z_pres=z_pres, ran=ran,
-                           where_loc=where_loc, where_scale=where_scale, z_where=z_where,
-                           what_loc=what_loc, what_scale=what_scale, z_what=z_what)  # fmt: skip
-            for k, v in latents.items():
-                steps.setdefault(k, []).append(v)
             if relaxed:
                 # Stop once enough "off" mass has accumulated (so an empty image can stop at
                 # the first step); the stop is a hard decision, not differentiated through.
                 stop_sum = stop_sum + (1 - z_pres)
-                ran = ran * (stop_sum < cfg.concrete_stop).to(dtype)
+                next_ran = ran * (stop_sum < cfg.concrete_stop).to(dtype)
             else:
-                ran = z_pres
+                next_ran = z_pres
+            kept = next_ran if gate_after else None  # drawn only if the updated sum is below
+            if cfg.dair:
+                weight = z_pres if kept is None else z_pres * kept
+                canvas = canvas + weight[:, None, None] * self._draw(z_what, z_where)
+
+            latents = dict(pres_logit=pres_logit, pres_y=pres_y, z_pres=z_pres, ran=ran,
+                           where_loc=where_loc, where_scale=where_scale, z_where=z_where,
+                           what_loc=what_loc, what_scale=what_scale, z_what=z_what,
+                           kept=kept)  # fmt: skip
+            for k, v in latents.items():
+                steps.setdefault(k, []).append(v)
+            ran = next_ran
             prev_latent = torch.cat([z_where, z_what, z_pres[:, None]], dim=1)
 
         stacked = {k: torch.stack(v) for k, v in steps.items() if v[0] is not None}
@@ -425,14 +481,24 @@ class AIR(nn.Module):
         """Every ELBO term of every step at once, from the stacked (T, B, ...) latents."""
         cfg = self.cfg
         z_pres, ran, logit = s["z_pres"], s["ran"], s["pres_logit"]
+        kept = s.get("kept")  # relaxed presence gated after the stop-sum update
+        drawn_weight = z_pres if kept is None else z_pres * kept
         if "canvas" in s:  # DAIR drew it step by step
             canvas = s["canvas"]
         else:  # one decoder pass and one paste over all T x B objects
             steps, batch = z_pres.shape
             drawn = self._draw(s["z_what"].flatten(0, 1), s["z_where"].flatten(0, 1))
-            canvas = (z_pres[..., None, None] * drawn.view(steps, batch, *x.shape[1:])).sum(0)
+            canvas = (drawn_weight[..., None, None] * drawn.view(steps, batch, *x.shape[1:])).sum(0)
 
-        if isinstance(prior_prob, torch.Tensor):
+        log_offset = None  # count prior: log of its mass, added once per sequence (step 0)
+        if cfg.presence_prior == "count":
+            on_t, off_t, offset = count_prior_step_log_probs(
+                prior_prob, cfg.max_steps, cfg.count_prior_normalised
+            )
+            log_prior_on, log_prior_off = on_t.to(logit)[:, None], off_t.to(logit)[:, None]
+            log_offset = torch.cat([offset.to(logit)[None], logit.new_zeros(cfg.max_steps - 1)])
+            log_offset = log_offset[:, None]  # (T, 1)
+        elif isinstance(prior_prob, torch.Tensor):
             log_prior_on, log_prior_off = prior_prob.log(), torch.log1p(-prior_prob)
         else:
             log_prior_on, log_prior_off = math.log(prior_prob), math.log1p(-prior_prob)
@@ -455,7 +521,16 @@ class AIR(nn.Module):
             kl_pres = pres_prob * (log_on - log_prior_on) + (1 - pres_prob) * (
                 log_off - log_prior_off
             )
-        log_q, log_p, kl_pres = log_q * ran, log_p * ran, kl_pres * ran
+        on_prob = None
+        if cfg.presence_kl == "expected":  # q(n > t) and q(n >= t): differentiable weights
+            on_prob = pres_prob.cumprod(0)
+            reach = torch.cat([torch.ones_like(on_prob[:1]), on_prob[:-1]])
+            kl_pres = kl_pres * reach
+        else:
+            kl_pres = kl_pres * ran
+        log_q, log_p = log_q * ran, log_p * ran
+        if log_offset is not None:  # ran[0] is 1: every sequence gets it once
+            log_p, kl_pres = log_p + log_offset, kl_pres - log_offset
 
         where_loc, where_scale, z_where = s["where_loc"], s["where_scale"], s["z_where"]
         what_loc, what_scale, z_what = s["what_loc"], s["what_scale"], s["z_what"]
@@ -467,7 +542,15 @@ class AIR(nn.Module):
             + _gaussian_log_prob(z_what, standard_loc, standard_scale)
             - _gaussian_log_prob(z_what, what_loc, what_scale)
         )
-        on = z_pres  # window and appearance are scored only for steps that are on
+        # Window and appearance are scored only for steps that are on: weighted by the sampled
+        # presence or, relaxed, by the gate (and z_pres if scaled). The KL may instead be
+        # weighted by q(n > t) ("expected"); the sampled log-ratio never is.
+        if cfg.presence == "concrete":
+            gate = ran if kept is None else kept
+            on = gate * z_pres if cfg.concrete_scale_kl else gate
+        else:
+            on = z_pres
+        kl_on = on if on_prob is None else on_prob
         return Trace(
             z_pres=z_pres,
             pres_prob=pres_prob,
@@ -477,11 +560,12 @@ class AIR(nn.Module):
             log_q_pres=log_q,
             kl_pres=kl_pres,
             log_ratio_pres=log_p - log_q,
-            kl_where=_gaussian_kl(where_loc, where_scale, p_loc, p_scale) * on,
-            kl_what=_gaussian_kl(what_loc, what_scale, standard_loc, standard_scale) * on,
+            kl_where=_gaussian_kl(where_loc, where_scale, p_loc, p_scale) * kl_on,
+            kl_what=_gaussian_kl(what_loc, what_scale, standard_loc, standard_scale) * kl_on,
             log_ratio_cont=log_ratio * on,
             log_lik=self.log_likelihood(x, canvas),
             canvas=canvas,
+            kept=kept,
         )
 
     def flat_images(self, x: torch.Tensor) -> FlatImages:
@@ -511,9 +595,29 @@ class AIR(nn.Module):
 
     def present_boxes(self, trace: Trace) -> list[torch.Tensor]:
         """Per image, the (count, 4) pixel boxes of the steps that are on, in step order (CPU)."""
-        on = (trace.z_pres >= 0.5).cumprod(0).bool().cpu()  # (T, B)
+        on = trace.on_mask().cpu()  # (T, B)
         step_boxes = self.boxes(trace).cpu()  # (T, B, 4)
         return [step_boxes[on[:, b], b] for b in range(on.shape[1])]
+
+
+_CHOICES = {
+    "concrete_gate": ("before", "after"),
+    "presence_prior": ("per_step", "count"),
+    "presence_kl": ("sampled", "expected"),
+}
+
+
+def _check_presence_options(cfg: ModelConfig) -> None:
+    """ValueError naming the field for a bad choice or an unsupported combination."""
+    for name, choices in _CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise ValueError(f"model.{name} must be one of {list(choices)}, got {value!r}")
+    if cfg.presence_kl == "expected" and cfg.presence != "bernoulli":
+        raise ValueError(
+            "model.presence_kl 'expected' needs model.presence 'bernoulli' (the Concrete "
+            "relaxation has no closed-form presence KL to take in expectation)"
+        )
 
 
 def _concrete_logit_density(
