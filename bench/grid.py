@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bench.config import ConfigError, RunConfig, config_hash, load_config, to_dict
+from bench.data.registry import DEFAULT_DATASET, DatasetError, get_dataset
 from bench.overrides import OverrideError, check_overrides
 from bench.runstate import (
     ATTEMPTS,
@@ -75,6 +76,27 @@ class Experiment:
 
     description: str = ""  # one line: what the experiment measures
     config: dict[str, Any] = field(default_factory=dict)  # run-config overrides (data.*)
+    # The count a variant is judged on (tested, never trained on; one of data.test_counts);
+    # None: the overall count accuracy.
+    headline_count: int | None = None
+    # The paper's headline figure per model family ("AIR", "DAIR"), fractions; empty: none.
+    paper: dict[str, float] = field(default_factory=dict)
+    paper_source: str = ""  # where `paper` comes from (paper section, figure or table)
+
+    def headline_column(self) -> str:
+        """The runs-table column of the headline (bench.gather's final_count_accuracy[_k])."""
+        k = self.headline_count
+        return "final_count_accuracy" if k is None else f"final_count_accuracy_{k}"
+
+    def dataset_name(self) -> str:
+        """The experiment's `data.name` (the default data set when it sets none)."""
+        return str((self.config.get("data") or {}).get("name", DEFAULT_DATASET))
+
+    def headline_label(self) -> str:
+        """The headline in words, for axes and tables ("count accuracy on 3-digit images")."""
+        if (k := self.headline_count) is None:
+            return "final count accuracy"
+        return f"count accuracy on {k}-{get_dataset(self.dataset_name()).noun} images"
 
 
 @dataclass
@@ -171,7 +193,25 @@ def load_experiment(name: str) -> Experiment:
     if not path.is_file():
         known = available(EXPERIMENTS_DIR)
         raise GridError(f"unknown experiment {name!r}{_suggest(name, known)} (known: {known})")
-    return _load_typed(Experiment, path)
+    experiment: Experiment = _load_typed(Experiment, path)
+    _check_experiment(experiment, path)
+    return experiment
+
+
+def _check_experiment(experiment: Experiment, path: Path) -> None:
+    """A registered data set, a tested headline count, and paper figures that are fractions."""
+    try:
+        get_dataset(experiment.dataset_name())
+    except DatasetError as err:
+        raise GridError(f"{path}: {err}") from err
+    data = experiment.config.get("data") or {}
+    tested = list(data.get("test_counts", RunConfig().data.test_counts))
+    if (k := experiment.headline_count) is not None and k not in tested:
+        raise GridError(f"{path}: headline_count {k} is not among the counts the experiment "
+                        f"tests (config.data.test_counts: {tested})")  # fmt: skip
+    bad = {name: v for name, v in experiment.paper.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise GridError(f"{path}: paper figures must be fractions in [0, 1], got {bad}")
 
 
 def load_profile(name: str, overrides: list[str] | None = None) -> Profile:

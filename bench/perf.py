@@ -12,6 +12,7 @@ and the ratio of the two, i.e. the time the step would take if it ran at matmul 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import resource
@@ -27,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.config import RunConfig, load_config
-from bench.data.multi_mnist import MultiMnistSpec, load_or_generate
+from bench.data.registry import check_loaded, get_dataset
 from bench.evaluate import to_float_images
 from bench.overrides import OverrideError, check_overrides
 from bench.provenance import device_name
@@ -241,6 +242,17 @@ def _split_commas(words: list[str]) -> list[str]:
     return [w.strip() for word in words for w in word.split(",") if w.strip()]
 
 
+def timing_data(base: RunConfig, n_images: int = 2048) -> Datasets:
+    """`n_images` training images of the config's data set (`data.name`) to time steps on;
+    only `step` runs, so the same images stand in for the test set."""
+    dataset = get_dataset(base.data.name)
+    sample = dataclasses.replace(base.data, n_train=n_images)
+    canvas = base.model.canvas
+    images = dataset.load(sample, canvas, "train")
+    images = check_loaded(dataset, images, canvas, "train", sample.train_counts)
+    return Datasets(train=images, test=images)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -260,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     base = load_config(overrides=args.overrides)
-    spec = MultiMnistSpec(n_images=2048, split="train", seed=base.data.seed)
-    images = load_or_generate(spec, data_dir=base.data.data_dir, cache_dir=base.data.cache_dir)
-    data = Datasets(train=images, test=images)
+    data = timing_data(base)
     peak = matmul_gflops(device)
     rows = []
     for name in names:
