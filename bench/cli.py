@@ -124,13 +124,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("-o", "--out", help="one run, no grid: the run folder")
     p.add_argument(
+        "--config-help",
+        nargs="?",
+        const="",
+        metavar="PREFIX",
+        help="print every run-config field (type, default, documentation), or those whose key "
+        "starts with PREFIX (e.g. model. or train.lr), and exit",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="run-config overrides (omegaconf dotlist, e.g. train.lr=3e-4); "
         "profile.<key>=value overrides the profile (e.g. profile.resources.qos=high)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.config_help is not None:  # like --help: print and exit before anything runs
+        from bench.config_help import config_help
+
+        try:
+            print(config_help(args.config_help))
+        except ValueError as err:
+            p.exit(EXIT_USAGE, f"run_all.py: error: {err}\n")
+        p.exit(EXIT_OK)
+    return args
 
 
 def split_overrides(words: list[str]) -> tuple[list[str], list[str]]:

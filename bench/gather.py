@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.grid import (
+from bench.runstate import (  # not bench.grid: gathering imports no model code
     ATTEMPTS,
     SUBMISSION,
     SlurmError,

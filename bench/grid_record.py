@@ -80,6 +80,9 @@ class GridRecord:
     # said when the grid was asked: the report reads published figures from here, not from
     # implementations/ (records written before this field have none)
     variants_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the run-config schema defaults at launch (the report's config differences are against
+    # these, never against today's code; records written before this field have none)
+    defaults: dict[str, Any] | None = None
     first_asked_at: float = 0.0
     last_asked_at: float = 0.0
     path: Path | None = None  # the file it was read from (not stored)
@@ -117,6 +120,7 @@ class GridRecord:
             ],  # fmt: skip
             "configs": self.configs,
             "variants_info": self.variants_info,
+            "defaults": self.defaults,
             "first_asked_at": self.first_asked_at,
             "last_asked_at": self.last_asked_at,
         }
@@ -154,6 +158,8 @@ class GridRecord:
             for v in info.values()
         ):
             raise get._fail("variants_info", "an object of {description, reference} objects")
+        if not isinstance(defaults := data.get("defaults"), dict | None):  # optional too
+            raise get._fail("defaults", "an object (the schema defaults) or null")
         return cls(
             grid_id=get.text("grid_id"),
             command=get.text("command"),
@@ -167,6 +173,7 @@ class GridRecord:
             broken={str(k): str(v) for k, v in broken.items()},
             configs={str(k): v for k, v in configs.items() if isinstance(v, dict)},
             variants_info={str(k): v for k, v in info.items()},
+            defaults=defaults,
             first_asked_at=get.number("first_asked_at"),
             last_asked_at=get.number("last_asked_at"),
         )
@@ -288,7 +295,7 @@ def make_record(
 ) -> GridRecord:
     """A record from the launcher's resolved runs (bench.grid.RunSpec: experiment, variant,
     seed, config_hash, cfg) and what the variant folders say (`variant_records`)."""
-    from bench.config import to_dict
+    from bench.config import load_config, to_dict
 
     broken = dict(broken or {})
     asked, configs = [], {}
@@ -313,6 +320,7 @@ def make_record(
         broken=broken,
         configs=configs,
         variants_info=dict(variants_info or {}),
+        defaults=_stored_config(to_dict(load_config())),
         first_asked_at=now,
         last_asked_at=now,
     )

@@ -10,8 +10,10 @@ import sys
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "numpy", "pandas", "omegaconf", "submitit", "seaborn")
@@ -45,6 +47,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def device_name(device: torch.device) -> str:
+    import torch  # here only: the report reads git_commit and imports no torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return (

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bench.grid_record import AskedRun, GridRecord
+from bench.config import load_config, to_dict
+from bench.grid_record import AskedRun, GridRecord, variant_records
 from bench.report import build_all, build_reports
 from bench.report.failures import (
     BLANK,
@@ -205,7 +206,9 @@ def synthetic(tmp: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 def asked_grid(runs: pd.DataFrame, extra: list[tuple[str, str, str, int]] = ()) -> GridRecord:
     """A grid record asking for every run of `runs` and the `extra` (experiment, variant,
-    config hash, seed) runs, which have no folder."""
+    config hash, seed) runs, which have no folder; with what the launcher records besides (each
+    variant folder's description and reference, the schema defaults): the report reads only
+    that, never the folders or bench.config."""
     asked = [
         AskedRun(e, v, h, int(s), int(t) if t == t else None)
         for e, v, h, s, t in zip(runs["experiment"], runs["variant"], runs["config_hash"],
@@ -216,6 +219,8 @@ def asked_grid(runs: pd.DataFrame, extra: list[tuple[str, str, str, int]] = ()) 
         cluster="local", experiments=sorted({r.experiment for r in asked}),
         variants=sorted({r.variant for r in asked}), seeds=sorted({r.seed for r in asked}),
         overrides=[], runs=asked, first_asked_at=1.7e9, last_asked_at=1.7e9,
+        variants_info=variant_records({r.variant for r in asked}),
+        defaults=to_dict(load_config()),
     )  # fmt: skip
 
 
@@ -364,7 +369,7 @@ def test_published_reference_and_difference(built: dict) -> None:
     # addtt's 636.8 is set against our log-mean-exp bound (IW - 1.5 in the synthetic runs)
     assert lme == f"{np.median([e + 10 - 1.5 for e in elbos]) - 636.8:+.1f}"
     assert "no addtt test-image results in these runs" in ref
-    assert "unknown: no variant folder" in rows["legacy_gone"][-3]
+    assert "unknown: no recorded reference" in rows["legacy_gone"][-3]
 
 
 def test_generalisation_headline_and_reference(built: dict) -> None:
@@ -611,8 +616,8 @@ def test_reconstructions_from_a_real_checkpoint(trained: Path, tmp_path: Path) -
     pages = build_reports(runs, None, tmp_path, results_root=trained)
     html = pages[1].read_text()
     section = html.split('id="reconstructions"')[1].split('id="config"')[0]
-    assert section.count('<img src="data:image/png;base64,') == 1
-    assert "failed seed 1: cannot show reconstructions" in section
+    assert section.count('<img src="data:image/png;base64,') == 1  # from seed 0's samples.npz
+    assert "failed seed 1: no samples recorded" in section
     assert result["provenance"]["git_commit"] is None or result["provenance"]["git_commit"] in html
 
 

@@ -13,8 +13,11 @@ templates in `templates/`, autoescaped) -> files. Every page opens with the aske
 many of its runs are complete, running, failed or missing; runs outside it get rows of their own,
 labelled as such. Published figures are set beside ours computed the same way
 (bench.report.fidelity), from the references the grid records kept when the runs were asked for.
-Only files on disk are read. Run folders are shown relative to the results
-folder, so a report made in a temporary folder shows no machine-specific paths.
+Only files on disk are read: no model, variant code, data generator or torch is imported
+(tests/test_walls.py), so a report of old results does not change with today's code; config
+differences are against the schema defaults the grid record kept at launch. Run folders are
+shown relative to the results folder, so a report made in a temporary folder shows no
+machine-specific paths.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pandas as pd
 
 from bench.grid_record import GridRecord, read_records
 from bench.report import figures, summary
-from bench.report.configs import VariantInfo, row_configs, variant_infos
+from bench.report.configs import VariantInfo, recorded_defaults, row_configs, variant_infos
 from bench.report.failures import BLANK_MAX_IOU, BLANK_MIN_ACCURACY
 from bench.report.fidelity import apply_recorded, budget_rule, resolve_references
 from bench.report.html import page_name, render
@@ -49,6 +52,7 @@ from bench.report.rows import (
     convergence_sentence,
     label_tables,
 )
+from bench.report.samples import experiment_samples
 from bench.report.status import describe_grid, status
 
 __all__ = ["build_all", "build_reports"]
@@ -99,15 +103,14 @@ def build_reports(
     grid: GridRecord | None = None,
     grids_recorded: int | None = None,
     reconstructions: bool = True,
-    implementations: str | Path | None = None,
     problems: Iterable[str] = (),
     records: Sequence[GridRecord] | None = None,
 ) -> list[Path]:
     """Write index.html and one page per experiment from gathered `runs` and `evals` tables.
 
     `grid` is the asked grid the pages judge completeness by (None: no record, and no page
-    calls itself complete); `reconstructions=False` skips loading checkpoints (the slowest
-    part); `implementations` points at another variants folder (tests); `problems` are files
+    calls itself complete); `reconstructions=False` skips the reconstruction figures (read from
+    each run's samples.npz: bench.samples_file); `problems` are files
     gathering could not read, listed on the index; `records` every grid record, oldest first
     (default: `grid` alone), whose recorded variant references the rows are compared with.
     Returns the pages written, index first.
@@ -120,8 +123,14 @@ def build_reports(
     rows = build_rows(runs, grid)
     runs, evals = label_tables(runs, evals, rows)
     names = set(runs["variant"]) | set(evals["variant"]) | {r.variant for r in rows}
-    infos = variant_infos(sorted(names), runs, implementations)
     records = list(records) if records is not None else ([grid] if grid is not None else [])
+    defaults = recorded_defaults(records)
+    described = {v for r in records for v in r.variants_info}
+    infos = variant_infos(sorted(names), runs, defaults, described)
+    for record in records:  # oldest first: the newest word on a broken variant wins
+        for name, why in record.broken.items():
+            if name in infos:
+                infos[name].broken = why
     problems = [*problems, *apply_recorded(infos, records)]
     problems += resolve_references(rows, records, infos)
     colours = figures.palette([r.key for r in rows])
@@ -147,6 +156,7 @@ def build_reports(
             reconstructions,
             generalisation,
             shown,
+            defaults,
         )
         written.append(render("experiment.html.j2", out / exp["page"], exp=exp, report=report,
                               grid=grid_desc))  # fmt: skip
@@ -183,6 +193,7 @@ def _experiment(
     reconstructions: bool,
     generalisation: str | None,
     shown: _PathShower,
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything one experiment's page shows."""
     sentence, rule_per_row = convergence_sentence(rows)
@@ -204,66 +215,10 @@ def _experiment(
     # Variants with a folder but no runs are named on the page; those are all known variants.
     known = {n for n, i in infos.items() if i.folder}
     absent = sorted(known - {r.variant for r in rows})
-    is_gen = name in summary.GENERALISATION
-    figs = [
-        {
-            "title": "Iterations to target (ECDF)",
-            "caption": "Fraction of finished seeds that have converged by each iteration, per "
-            "row; a converged run counts from the first evaluation at which it reached the "
-            "target. Curves end at the convergence rate. Dotted vertical lines: published "
-            "iterations to target (main experiments, rows that meet the budget rule).",
-            "uri": figures.ecdf_figure(row_runs, colours, row_infos, name),
-        },
-        {
-            "title": "Learning curves: count accuracy",
-            "caption": "Held-out count accuracy (sampled counts; runs of older code: the mode) "
-            "at each periodic evaluation, on every test image: one thin line per "
-            "seed, the median over seeds (thick) and its interquartile band, one panel per row. "
-            "Dashed: the convergence target.",
-            "uri": figures.learning_curves(row_evals, colours, "count_accuracy", target),
-        },
-        {
-            "title": "Learning curves: ELBO",
-            "caption": "Held-out ELBO (nats per image, one sample) at each evaluation, as above; "
-            "the view starts at the 5th percentile so early values do not flatten the rest.",
-            "uri": figures.learning_curves(row_evals, colours, "elbo"),
-        },
-        {
-            "title": f"Per-seed {summary.headline_label(name)}",
-            "caption": "One dot per complete run (filled: converged; hollow: not converged), the "
-            "median as a black bar, and the published figure as a black triangle (rows that "
-            "meet the budget rule only; it was measured on the source's own test images, the "
-            "dots on held-out ones). Sampled counts; runs of older code count by the mode."
-            + (
-                " Grey crosses: runs that do not count their training counts, left out of the "
-                "median (the headline rule)."
-                if is_gen
-                else " Dashed: the convergence target."
-            ),
-            "uri": figures.final_accuracy_figure(row_runs, name, colours, row_infos, target),
-        },
-        {
-            "title": "Count confusion matrices",
-            "caption": "Final evaluation (sampled counts; runs of older code: the mode), summed "
-            "over the complete runs of each row; each row "
-            "of a matrix (true count) as fractions of its images. Mass right of the diagonal is "
-            "over-counting, left of it under-counting.",
-            "uri": figures.confusion_figure(row_runs),
-        },
-    ]
-    if is_gen:
-        figs.append({
-            "title": "Generalisation: AIR against DAIR",
-            "caption": "Held-out-count accuracy of every seed in this experiment and its "
-            "companion; blue AIR, orange DAIR (model.dair), black bars medians of the runs that "
-            "count their training counts, grey crosses the runs that do not (left out), dashed "
-            "lines the paper's figures (Eslami et al. 2016, section 3.1.1).",
-            "uri": generalisation,
-        })  # fmt: skip
+    figs = figures.page_figures(figures.FigureContext(
+        name, row_runs, row_evals, colours, row_infos, target, generalisation))  # fmt: skip
     samples: list[tuple[str, Any]] = []
     if reconstructions:
-        from bench.report.samples import experiment_samples  # torch: only when drawing
-
         drawn = experiment_samples(row_runs)
         for s in drawn.values():
             s.notes = [shown.text(note) for note in s.notes]
@@ -280,7 +235,7 @@ def _experiment(
         "absent_variants": absent,
         "rule": sentence,
         "rule_per_row": rule_per_row,
-        "generalisation": is_gen,
+        "generalisation": name in summary.GENERALISATION,
         "headline_label": summary.headline_label(name),
         "verdicts": verdicts,
         "asked": counted,
@@ -291,7 +246,7 @@ def _experiment(
         "failures": _failures(runs, rows, shown),
         "comparisons": summary.comparisons(runs, rows, name),
         "samples": samples,
-        "configs": row_configs(rows),
+        "configs": row_configs(rows, defaults),
         "provenance": _run_provenance(runs, shown),
         "budget_rule": budget_rule(),
         "generalisation_rule": generalisation_rule(),

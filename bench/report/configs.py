@@ -1,8 +1,9 @@
-"""Configs behind the results: variant folders, resolved run configs, differences from the base.
+"""Configs behind the results: resolved run configs, differences from the recorded defaults.
 
 `variant_infos` says what the report knows about each variant (description, published
 reference, AIR or DAIR, its config difference); `row_configs` lays out the configs of one
-experiment's verdict rows (one per variant and config hash) as differences from the base config.
+experiment's verdict rows (one per variant and config hash) as differences from the recorded
+schema defaults (bench.grid_record `defaults`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ class VariantInfo:
 
     name: str
     description: str = ""
-    reference: Any = None  # bench.variants.Reference, or None when unknown
+    reference: Any = None  # bench.reference.Reference, or None when unknown
     reference_origin: str = ""  # "grid record <id>" (recorded with the results) or the folder
-    folder: bool = False  # its folder exists under implementations/
-    broken: str | None = None  # why its folder cannot be loaded, if so
+    folder: bool = False  # a grid record describes it (its folder loaded at launch)
+    broken: str | None = None  # why it could not run, as a grid record says
     dair: bool | None = None  # model.dair of its config (None: unknown)
     config_known: bool = False  # a config was found (folder or run); else config_diff is empty
     config_diff: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, base, ours)
@@ -84,11 +85,18 @@ def config_diff(config: Mapping[str, Any], base: Mapping[str, Any]) -> list[tupl
     ]
 
 
-def base_config() -> dict[str, Any]:
-    """The schema defaults every variant's difference is measured against."""
-    from bench.config import load_config, to_dict
+def base_config(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults config differences are measured against: the schema defaults a grid record
+    kept at launch (bench.grid_record `defaults`), never today's code; {} when none is known."""
+    return dict(defaults or {})
 
-    return to_dict(load_config())
+
+def recorded_defaults(records: Sequence[Any]) -> dict[str, Any] | None:
+    """The schema defaults of the newest grid record that kept them (records oldest first)."""
+    for record in reversed(list(records)):
+        if getattr(record, "defaults", None):
+            return dict(record.defaults)
+    return None
 
 
 def read_run_config(run_dir: Any) -> dict[str, Any] | None:
@@ -106,43 +114,31 @@ def read_run_config(run_dir: Any) -> dict[str, Any] | None:
 
 
 def variant_infos(
-    names: Iterable[str], runs: pd.DataFrame, root: Path | str | None = None
+    names: Iterable[str],
+    runs: pd.DataFrame,
+    defaults: Mapping[str, Any] | None = None,
+    recorded: Iterable[str] = (),
 ) -> dict[str, VariantInfo]:
-    """Descriptions, references, DAIR flags and config differences of the named variants.
+    """DAIR flags and config differences of the named variants, from files on disk only.
 
-    Variants come from their folders (bench.variants.discover). A variant whose folder is gone
-    is still reported: no description or reference, its config read from one of its runs.
+    A variant's config is read from one of its runs (config.yaml); its difference is against
+    the recorded schema `defaults` (none known: no difference shown). Descriptions and published
+    references come from the grid records (bench.report.fidelity.apply_recorded); `recorded`
+    names the variants a grid record describes (`folder` True: known to the harness). No
+    variant code is imported or run.
     """
-    from bench.config import to_dict
-    from bench.variants import IMPLEMENTATIONS, discover
-
-    base = base_config()
-    try:
-        found = discover(root or IMPLEMENTATIONS)
-        variants, broken = found.variants, found.broken
-    except Exception as err:  # no implementations folder: every variant is "unknown"
-        log.warning("cannot discover variants: %s", err)
-        variants, broken = {}, {}
+    base = base_config(defaults)
+    recorded = set(recorded)
     infos: dict[str, VariantInfo] = {}
-    for name in sorted(set(names) | set(variants) | set(broken)):
-        info = VariantInfo(name=name, broken=broken.get(name))
+    for name in sorted(set(names) | recorded):
+        info = VariantInfo(name=name, folder=name in recorded)
         cfg: dict[str, Any] | None = None
-        if name in variants:
-            v = variants[name]
-            info.folder = True
-            info.description, info.reference = v.spec.description, v.spec.reference
-            info.reference_origin = "variant folder"
-            try:
-                cfg = to_dict(v.run_config())
-            except Exception as err:  # reported, never fatal
-                info.broken = info.broken or str(err)
-        if cfg is None:
-            for run_dir in runs.loc[runs["variant"] == name, "run_dir"]:
-                if (cfg := read_run_config(run_dir)) is not None:
-                    break
+        for run_dir in runs.loc[runs["variant"] == name, "run_dir"]:
+            if (cfg := read_run_config(run_dir)) is not None:
+                break
         if cfg is not None:
             info.config_known = True
-            info.config_diff = config_diff(cfg, base)
+            info.config_diff = config_diff(cfg, base) if defaults else []
             info.dair = bool(flatten(merged(base, cfg)).get("model.dair", False))
         elif name.lower().startswith("dair"):
             info.dair = True  # no config anywhere: the naming convention is all there is
@@ -150,13 +146,14 @@ def variant_infos(
     return infos
 
 
-def row_configs(rows: Sequence[Any]) -> dict[str, Any]:
+def row_configs(rows: Sequence[Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The configs of one experiment's rows (bench.report.rows.Row), as differences from the
-    base config: what every row shares once, then what each row changes on top."""
-    base = base_config()
+    recorded schema defaults: what every row shares once, then what each row changes on top.
+    Without recorded defaults (grids asked before they were kept) no difference is shown."""
+    base = base_config(defaults)
     diffs: dict[str, dict[str, tuple[Any, Any]]] = {}
     for row in rows:
-        if row.raw_config is not None:
+        if row.raw_config is not None and defaults:
             diffs[row.key] = {k: (b, o) for k, b, o in config_diff(row.raw_config, base)}
     common: dict[str, tuple[Any, Any]] = {}
     if len(diffs) > 1:
@@ -169,9 +166,10 @@ def row_configs(rows: Sequence[Any]) -> dict[str, Any]:
             "key": row.key,
             "variant": row.variant,
             "config_hash": row.config_hash,
-            "known": d is not None,
+            "known": d is not None or (row.raw_config is not None and not defaults),
             "source": row.config_source,
             "diff": [(k, b, o) for k, (b, o) in sorted(d.items()) if k not in common]
             if d is not None else [],
         })  # fmt: skip
-    return {"common": [(k, b, o) for k, (b, o) in sorted(common.items())], "rows": out}
+    return {"common": [(k, b, o) for k, (b, o) in sorted(common.items())], "rows": out,
+            "no_defaults": not defaults}  # fmt: skip

@@ -92,7 +92,7 @@ def budget_note(iterations: float, ref: Any) -> str:
 def reference_from_dict(data: Mapping[str, Any]) -> Any:
     """A bench.variants.Reference from its recorded dict (unknown keys from newer code left
     out; per-count keys back to integers). ValueError if it cannot be one."""
-    from bench.variants import Reference
+    from bench.reference import Reference
 
     known = {f.name for f in dataclasses.fields(Reference)}
     values = {k: v for k, v in data.items() if k in known}
@@ -138,7 +138,8 @@ def resolve_references(
     """Set each row's `reference` and `reference_origin`; returns problems (unreadable ones).
 
     The newest grid record that asked for the row's (experiment, variant, config) wins, then the
-    newest that names the variant, then the variant folder now (origin FOLDER_ORIGIN).
+    newest that names the variant; no record, no reference (the variant folder as it is now is
+    never read: a report shows what its runs were launched against).
     """
     problems: list[str] = []
     asked = [
@@ -159,10 +160,6 @@ def resolve_references(
             except ValueError as err:
                 problems.append(f"{found.path or found.grid_id}: {row.variant}: {err}")
                 row.reference = None
-            continue
-        info = infos.get(row.variant)
-        if info is not None and info.reference is not None:
-            row.reference, row.reference_origin = info.reference, FOLDER_ORIGIN
     return problems
 
 

@@ -1,5 +1,9 @@
 """The report's statistical figures (seaborn on matplotlib), each returned as a PNG data URI.
 
+The experiment pages show every figure registered with `@figure(name, title, order, caption)`
+(bench.report.registry; the registrations are at the end of this file): adding a figure to the
+pages is one decorated function here, taking a `FigureContext` and returning a data URI.
+
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: no global figure
 registry to leak memory into, no backend to switch, and nothing to close. Styles are applied in a
 context so that building a report leaves the caller's matplotlib settings as they were. Math-text
@@ -24,6 +28,7 @@ from matplotlib.figure import Figure
 from bench.report import stats
 from bench.report.configs import VariantInfo
 from bench.report.measures import qualifies
+from bench.report.registry import FigureContext, figure, page_figures  # noqa: F401  (re-exported)
 from bench.report.summary import (
     FINISHED,
     GENERALISATION,
@@ -288,3 +293,89 @@ def _family(infos: Mapping[str, VariantInfo], variant: str) -> str:
     if info is None or info.dair is None:
         return "?"
     return "DAIR" if info.dair else "AIR"
+
+
+# ------------------------------------------------------------------ the pages' figures
+# Each is one registered function (bench.report.registry): a new figure is one more here.
+@figure(
+    "ecdf",
+    "Iterations to target (ECDF)",
+    order=10,
+    caption="Fraction of finished seeds that have converged by each iteration, per row; a "
+    "converged run counts from the first evaluation at which it reached the target. Curves end "
+    "at the convergence rate. Dotted vertical lines: published iterations to target (main "
+    "experiments, rows that meet the budget rule).",
+)
+def _ecdf(ctx: FigureContext) -> str | None:
+    return ecdf_figure(ctx.row_runs, ctx.colours, ctx.row_infos, ctx.experiment)
+
+
+@figure(
+    "curves_accuracy",
+    "Learning curves: count accuracy",
+    order=20,
+    caption="Held-out count accuracy (sampled counts; runs of older code: the mode) at each "
+    "periodic evaluation, on every test image: one thin line per seed, the median over seeds "
+    "(thick) and its interquartile band, one panel per row. Dashed: the convergence target.",
+)
+def _curves_accuracy(ctx: FigureContext) -> str | None:
+    return learning_curves(ctx.row_evals, ctx.colours, "count_accuracy", ctx.target)
+
+
+@figure(
+    "curves_elbo",
+    "Learning curves: ELBO",
+    order=30,
+    caption="Held-out ELBO (nats per image, one sample) at each evaluation, as above; the view "
+    "starts at the 5th percentile so early values do not flatten the rest.",
+)
+def _curves_elbo(ctx: FigureContext) -> str | None:
+    return learning_curves(ctx.row_evals, ctx.colours, "elbo")
+
+
+def _final_caption(ctx: FigureContext) -> str:
+    return (
+        "One dot per complete run (filled: converged; hollow: not converged), the median as a "
+        "black bar, and the published figure as a black triangle (rows that meet the budget rule "
+        "only; it was measured on the source's own test images, the dots on held-out ones). "
+        "Sampled counts; runs of older code count by the mode."
+        + (
+            " Grey crosses: runs that do not count their training counts, left out of the "
+            "median (the headline rule)."
+            if ctx.is_generalisation
+            else " Dashed: the convergence target."
+        )
+    )
+
+
+@figure("final_accuracy", lambda ctx: f"Per-seed {headline_label(ctx.experiment)}", order=40,
+        caption=_final_caption)  # fmt: skip
+def _final_accuracy(ctx: FigureContext) -> str | None:
+    return final_accuracy_figure(ctx.row_runs, ctx.experiment, ctx.colours, ctx.row_infos,
+                                 ctx.target)  # fmt: skip
+
+
+@figure(
+    "confusion",
+    "Count confusion matrices",
+    order=50,
+    caption="Final evaluation (sampled counts; runs of older code: the mode), summed over the "
+    "complete runs of each row; each row of a matrix (true count) as fractions of its images. "
+    "Mass right of the diagonal is over-counting, left of it under-counting.",
+)
+def _confusion(ctx: FigureContext) -> str | None:
+    return confusion_figure(ctx.row_runs)
+
+
+@figure(
+    "generalisation",
+    "Generalisation: AIR against DAIR",
+    order=60,
+    caption="Held-out-count accuracy of every seed in this experiment and its companion; blue "
+    "AIR, orange DAIR (model.dair), black bars medians of the runs that count their training "
+    "counts, grey crosses the runs that do not (left out), dashed lines the paper's figures "
+    "(Eslami et al. 2016, section 3.1.1).",
+    when=lambda ctx: ctx.is_generalisation,
+)
+def _generalisation(ctx: FigureContext) -> str | None:
+    return ctx.generalisation

@@ -103,11 +103,11 @@ def _finite(x: Any) -> bool:
 
 def config_scale(raw_config: Mapping[str, Any] | None) -> str:
     """The scale a run config trains on (model.likelihood; the schema default is Gaussian 0.3)."""
-    from bench.report.configs import base_config, flatten, merged
+    from bench.report.configs import flatten
 
     if raw_config is None:
         return ""
-    flat = flatten(merged(base_config(), raw_config))
+    flat = flatten(raw_config)  # a resolved config (config.yaml or the grid record's) has all
     return scale_of(flat.get("model.likelihood"), flat.get("model.likelihood_sd"))
 
 

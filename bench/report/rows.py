@@ -113,7 +113,7 @@ def build_rows(runs: pd.DataFrame, grid: GridRecord | None = None) -> list[Row]:
         hashes = runs["config_hash"].map(_hash)
         for ident, group in runs.groupby([runs["experiment"], runs["variant"], hashes]):
             on_disk[tuple(str(x) for x in ident)] = group  # type: ignore[assignment]
-    base = base_config()
+    base = base_config(grid.defaults if grid is not None else None)
     rows = []
     for ident in sorted(set(on_disk) | set(asked)):
         experiment, variant, digest = ident
@@ -273,11 +273,10 @@ def convergence_sentence(rows: Sequence[Row]) -> tuple[str, bool]:
     """One sentence for the page: what "converged" means here; True when it differs by row
     (then every row shows its own rule)."""
     rules = {r.rule for r in rows if r.rule is not None}
-    if not rules:
-        from bench.config import EvalConfig
-
-        rules = {(EvalConfig.converged_accuracy, EvalConfig.converged_evals)}
     keys = "(eval.converged_accuracy, eval.converged_evals)"
+    if not rules:  # no run and no config: the rule is each run config's own
+        return f"Converged means count accuracy >= the config's target in its last periodic "\
+            f"evaluations {keys}. {ACCURACY_MEANS}", False  # fmt: skip
     if len(rules) == 1:
         return f"Converged means {rule_text(next(iter(rules)))} {keys}. {ACCURACY_MEANS}", False
     accs = sorted({a for a, _ in rules})

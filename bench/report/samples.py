@@ -1,15 +1,15 @@
 """Reconstructions with the inferred boxes, for one converged and one failed seed per variant.
 
-The models are loaded from the runs' checkpoints (bench.api.load_run) and applied to the same few
-held-out test images. Anything that cannot be loaded (no checkpoint yet, a damaged file, MNIST
-not on this machine) becomes a note on the page instead of an error.
+Read from each run's samples file (`samples.npz`, written by the trainer at the end of the run:
+bench.samples_file), never by loading a model: a report shows what the runs recorded. A run
+finished before samples were recorded, or whose file is damaged, becomes a note on the page
+("no samples recorded") instead of an error.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,10 @@ from matplotlib.patches import Rectangle
 
 from bench.report.failures import classify
 from bench.report.figures import figure_style, to_uri
+from bench.samples_file import read_samples
 
 log = logging.getLogger(__name__)
 
-N_IMAGES = 8  # test images per row
 STEP_COLOURS = ("#e41a1c", "#4daf4a", "#377eb8", "#984ea3", "#ff7f00", "#a65628")
 
 
@@ -42,45 +42,6 @@ class _Row:
     recon: np.ndarray
 
 
-class _TestImages:
-    """Test images per data spec, loaded once per report (variants usually share them)."""
-
-    def __init__(self) -> None:
-        self.cache: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def get(self, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(images in [0, 1], true counts, true boxes) of N_IMAGES test images, all counts."""
-        from bench.data.multi_mnist import MultiMnistSpec, load_or_generate
-
-        d = cfg.data
-        # Folders named in a config written on another machine may not exist here: use the
-        # defaults ($AIR_DATA_DIR, ../shared/data/mnist, the local cache) instead.
-        data_dir = d.data_dir if d.data_dir and Path(d.data_dir).is_dir() else None
-        cache_dir = d.cache_dir if d.cache_dir and Path(d.cache_dir).is_dir() else None
-        spec = MultiMnistSpec(
-            n_images=d.n_test, split="test", counts=tuple(d.test_counts), seed=d.seed,
-            canvas=cfg.model.canvas, rescale=d.rescale,
-        )  # fmt: skip
-        key = (spec, data_dir, cache_dir)
-        if key not in self.cache:
-            data = load_or_generate(spec, data_dir=data_dir, cache_dir=cache_dir)
-            pick = _spread(data.counts, N_IMAGES)
-            images = data.images[pick].astype(np.float32) / 255.0
-            self.cache[key] = (images, data.counts[pick], data.boxes[pick])
-        return self.cache[key]
-
-
-def _spread(counts: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the first test images, taking each true count in turn, so all counts show."""
-    by_count = [list(np.flatnonzero(counts == c)[:n]) for c in np.unique(counts)]
-    out: list[int] = []
-    while len(out) < min(n, len(counts)) and any(by_count):
-        for queue in by_count:
-            if queue and len(out) < n:
-                out.append(int(queue.pop(0)))
-    return np.array(sorted(out), dtype=int)
-
-
 def pick_runs(group: pd.DataFrame) -> list[tuple[str, pd.Series | None]]:
     """(label, run) for the lowest converged seed and the lowest failed seed of a variant."""
     complete = group[group["status"] == "complete"]
@@ -94,8 +55,8 @@ def pick_runs(group: pd.DataFrame) -> list[tuple[str, pd.Series | None]]:
     return out
 
 
-def variant_samples(group: pd.DataFrame, images: _TestImages) -> Samples:
-    """The reconstruction figure of one variant in one experiment."""
+def variant_samples(group: pd.DataFrame) -> Samples:
+    """The reconstruction figure of one variant in one experiment, from its samples files."""
     result = Samples()
     rows: list[_Row] = []
     truth = None
@@ -105,22 +66,23 @@ def variant_samples(group: pd.DataFrame, images: _TestImages) -> Samples:
             continue
         seed = int(run["seed"])
         try:
-            from bench.api import load_run
-
-            loaded = load_run(run["run_dir"])
-            x, counts, boxes = images.get(loaded.cfg)
-            out = loaded.infer(x)
-        except Exception as err:  # a note, never a broken report
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            result.notes.append(f"{label} seed {seed}: cannot show reconstructions ({reason})")
+            recorded = read_samples(run["run_dir"]) if isinstance(run["run_dir"], str) else None
+        except ValueError as err:  # a note, never a broken report
+            result.notes.append(f"{label} seed {seed}: cannot show reconstructions ({err})")
             continue
+        if recorded is None:
+            result.notes.append(f"{label} seed {seed}: no samples recorded (run finished "
+                                "before runs wrote samples.npz)")  # fmt: skip
+            continue
+        x = recorded.images
         if truth is None:
-            truth = (x, counts, boxes)
+            truth = (x, recorded.true_counts, recorded.true_boxes)
         elif not np.array_equal(truth[0], x):  # a run with other test data: rows would lie
             result.notes.append(f"{label} seed {seed}: its runs were tested on other images")
             continue
         tag = label if label == "converged" else f"failed: {classify(run).kind}"
-        rows.append(_Row(f"seed {seed} ({tag})", out.counts, out.boxes, out.reconstructions))
+        rows.append(_Row(f"seed {seed} ({tag})", recorded.counts, recorded.present_boxes(),
+                         recorded.reconstructions))  # fmt: skip
     if truth is None or not rows:
         return result
     try:
@@ -194,13 +156,5 @@ def _box(
 
 
 def experiment_samples(runs: pd.DataFrame) -> dict[str, Samples]:
-    """Reconstruction figures of every variant of one experiment."""
-    import torch
-
-    images = _TestImages()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 8 images: threads only add overhead, and a sweep may be running
-    try:
-        return {str(v): variant_samples(g, images) for v, g in runs.groupby("variant")}
-    finally:
-        torch.set_num_threads(threads)
+    """Reconstruction figures of every variant (row) of one experiment."""
+    return {str(v): variant_samples(g) for v, g in runs.groupby("variant")}
