@@ -324,6 +324,9 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     out = g["status"].value_counts().unstack(fill_value=0)
     out.insert(0, "iterations", g["target_iterations"].first())
     complete = runs[runs["status"] == "complete"].groupby(keys)
-    out["converged"] = complete["outcome"].apply(lambda s: int((s == "converged").sum()))
+    converged = complete["outcome"].apply(lambda s: int((s == "converged").sum()))
+    # Numeric before filling: with no complete run the grouped result is an empty str column.
+    converged = pd.to_numeric(converged.reindex(out.index), errors="coerce")
+    out["converged"] = converged.fillna(0).astype(int)
     out["count_acc"] = complete["final_count_accuracy"].mean().round(3)
-    return out.fillna({"converged": 0}).reset_index()
+    return out.reset_index()
