@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.config import RunConfig, load_config
-from bench.data.mnist import resolve_mnist_dir
+from bench.data.mnist import MnistNotFoundError, load_mnist, resolve_mnist_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +65,22 @@ def tiny_config(tmp_path: Path, data_cache: Path):
         )
 
     return make
+
+
+def _real_mnist(split: str) -> tuple:
+    try:
+        return load_mnist(split, download=False)
+    except MnistNotFoundError:
+        pytest.skip(f"real MNIST not available in {resolve_mnist_dir(None)}; set AIR_DATA_DIR")
+
+
+@pytest.fixture(scope="session")
+def mnist_train() -> tuple:
+    """The real MNIST training split (images, labels); skips where it is absent."""
+    return _real_mnist("train")
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> tuple:
+    """The real MNIST test split (images, labels); skips where it is absent."""
+    return _real_mnist("test")

@@ -10,27 +10,9 @@ import numpy as np
 import pytest
 
 from bench.data import multi_mnist
-from bench.data.mnist import MnistNotFoundError, load_mnist, resolve_mnist_dir
 from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, generate, load_or_generate
 
 LOGGER = "bench.data.multi_mnist"
-
-
-def _split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        return load_mnist(split, download=False)
-    except MnistNotFoundError:
-        pytest.skip(f"real MNIST not available in {resolve_mnist_dir(None)}; set AIR_DATA_DIR")
-
-
-@pytest.fixture(scope="module")
-def mnist_train() -> tuple[np.ndarray, np.ndarray]:
-    return _split("train")
-
-
-@pytest.fixture(scope="module")
-def mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    return _split("test")
 
 
 def _ink_box(digit: np.ndarray) -> tuple[int, int, int, int]:

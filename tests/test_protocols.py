@@ -16,7 +16,6 @@ import pytest
 
 from bench.config import ConfigError, DataConfig, config_hash, load_config
 from bench.data import protocols
-from bench.data.mnist import MnistNotFoundError, load_mnist, resolve_mnist_dir
 from bench.data.multi_mnist import MultiMnistSpec, generate
 from bench.data.protocols import (
     PROTOCOLS,
@@ -31,18 +30,6 @@ Image = pytest.importorskip("PIL.Image")
 
 LOGGER = "bench.data.protocols"
 pytestmark = pytest.mark.slow  # the reference sets take ~25 s to generate, once per session
-
-
-def _split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        return load_mnist(split, download=False)
-    except MnistNotFoundError:
-        pytest.skip(f"real MNIST not available in {resolve_mnist_dir(None)}; set AIR_DATA_DIR")
-
-
-@pytest.fixture(scope="module")
-def mnist_train() -> tuple[np.ndarray, np.ndarray]:
-    return _split("train")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +96,8 @@ def test_config_field() -> None:
 # --- heldout: today's test set, unchanged ----------------------------------------------------
 
 
-def test_heldout_is_the_runs_own_test_set(tmp_path: Path) -> None:
-    test_split = _split("test")
+def test_heldout_is_the_runs_own_test_set(tmp_path: Path, mnist_test: tuple) -> None:
+    test_split = mnist_test
     data = DataConfig(n_test=600, seed=3)
     got = reference_test_set(data, "heldout", cache_dir=tmp_path)
     want = generate(MultiMnistSpec(600, "test", seed=3), *test_split)

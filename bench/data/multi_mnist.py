@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.data.mnist import PROJECT_ROOT, load_mnist
+from bench.data.npz_cache import read_arrays, write_arrays
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -452,42 +452,14 @@ def load_or_generate(
     return data
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in _ARRAYS:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.data)
-    return h.hexdigest()
+def _cache_meta(spec: MultiMnistSpec) -> dict:
+    return {"version": GENERATOR_VERSION, "spec": spec.to_dict()}
 
 
 def _write_cache(path: Path, data: MultiMnist) -> None:
     arrays = {name: getattr(data, name) for name in _ARRAYS}
-    meta = {
-        "version": GENERATOR_VERSION,
-        "spec": data.spec.to_dict(),
-        "sha256": _checksum(arrays),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Compressed: canvases are mostly zero, so this is ~10x smaller and still fast.
-            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared between users
-        # Atomic on POSIX: readers see either the old file or the complete new one.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_arrays(path, arrays, _ARRAYS, _cache_meta(data.spec))
 
 
 def _read_cache(path: Path, spec: MultiMnistSpec) -> MultiMnist:
-    with np.load(path, allow_pickle=False) as npz:
-        meta = json.loads(str(npz["meta"]))
-        arrays = {name: npz[name] for name in _ARRAYS}
-    if meta.get("version") != GENERATOR_VERSION or meta.get("spec") != spec.to_dict():
-        raise ValueError("spec or generator version in the file does not match")
-    if _checksum(arrays) != meta.get("sha256"):
-        raise ValueError("sha256 of the arrays does not match the stored checksum")
-    return MultiMnist(spec=spec, **arrays)
+    return MultiMnist(spec=spec, **read_arrays(path, _ARRAYS, _cache_meta(spec)))

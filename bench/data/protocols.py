@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 from bench.data import reference_sets
 from bench.data.mnist import load_mnist
 from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, default_cache_dir, load_or_generate
+from bench.data.npz_cache import read_arrays, write_arrays
 
 if TYPE_CHECKING:
     from bench.config import DataConfig
@@ -320,38 +320,13 @@ def _key(proto: Protocol) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in _ARRAYS:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.data)
-    return h.hexdigest()
-
-
 def _write(path: Path, data: ReferenceSet, proto: Protocol) -> None:
     arrays = {name: getattr(data, name) for name in _ARRAYS}
-    meta = {"protocol": proto.name, "key": _key(proto), "sha256": _checksum(arrays)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared between users
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_arrays(path, arrays, _ARRAYS, {"protocol": proto.name, "key": _key(proto)})
 
 
 def _read(path: Path, proto: Protocol) -> ReferenceSet:
-    with np.load(path, allow_pickle=False) as npz:
-        meta = json.loads(str(npz["meta"]))
-        arrays = {name: npz[name] for name in _ARRAYS}
-    if meta.get("protocol") != proto.name or meta.get("key") != _key(proto):
-        raise ValueError("protocol or key in the file does not match")
-    if _checksum(arrays) != meta.get("sha256"):
-        raise ValueError("sha256 of the arrays does not match the stored checksum")
+    arrays = read_arrays(path, _ARRAYS, {"protocol": proto.name, "key": _key(proto)})
     return _assemble(proto, arrays)
 
 
