@@ -225,3 +225,24 @@ def test_multi_mnist_plugin_loads_what_the_generator_builds(data_cache) -> None:
     assert np.array_equal(data.test.boxes, want.boxes, equal_nan=True)
     timed = timing_data(cfg, n_images=40)
     assert timed.train.images.shape == (40, 50, 50) and timed.test is timed.train
+
+
+# ------------------------------------------------------------------------- Pyro's own data
+def test_pyro_data_set_refuses_counts_it_cannot_hold() -> None:
+    with pytest.raises(ConfigError, match=r"pyro_multi_mnist' produces counts \[0, 1, 2\]"):
+        load_config(overrides=["data.name=pyro_multi_mnist", "data.test_counts=[0,1,2,3]"])
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_pyro_data_set_trains_and_tests_on_pyros_generated_set(data_cache) -> None:
+    from bench.data.protocols import reference_test_set
+
+    over = ["data.name=pyro_multi_mnist", "data.n_train=300", "data.n_test=100"]
+    cfg = load_config(overrides=[*over, f"data.cache_dir={data_cache}"])
+    data = load_datasets(cfg)
+    pyro = reference_test_set(cfg.data, "pyro", n=300)  # Pyro's checksummed 60k-canvas set
+    # Like Pyro's example: trained on its set and measured on (the start of) the same set.
+    assert np.array_equal(data.train.images, pyro.images)
+    assert np.array_equal(data.test.images, pyro.images[:100])
+    assert set(np.unique(data.train.counts)) <= {0, 1, 2}
