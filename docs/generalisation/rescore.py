@@ -5,7 +5,7 @@ result.json holds mode counts. This loads each run's saved model (bench.api.load
 its own test set from its config.yaml and evaluates it with bench.evaluate, writing one CSV row per
 run. It changes nothing in the run folders.
 
-    python docs/generalisation/rescore.py OUT.csv RUN_DIR [RUN_DIR ...]
+    python docs/generalisation/rescore.py OUT.csv RUN_DIR [RUN_DIR ...] [--data-name NAME]
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ KEYS = [
 ]  # fmt: skip
 
 
-def rescore(run_dir: Path, n_images: int, iw_samples: int, iw_images: int) -> dict:
+def rescore(
+    run_dir: Path, n_images: int, iw_samples: int, iw_images: int, data_name: str | None = None
+) -> dict:
     run = load_run(run_dir)
     cfg = run.cfg
+    if data_name is not None:  # another data set's test split (e.g. a model trained elsewhere)
+        cfg.data.name = data_name
     test = load_datasets(cfg).test
     n = min(n_images, len(test))
     m = evaluate(
@@ -40,8 +44,9 @@ def rescore(run_dir: Path, n_images: int, iw_samples: int, iw_images: int) -> di
         frame_boxes=test.frame_boxes[:n], train_counts=cfg.data.train_counts,
     )  # fmt: skip
     parts = run_dir.parts
-    row = {"experiment": parts[-4], "variant": parts[-3], "config_hash": parts[-2],
-           "seed": cfg.seed, "iteration": run.iteration, "test_images": n}  # fmt: skip
+    row = {"data": cfg.data.name, "experiment": parts[-4], "variant": parts[-3],
+           "config_hash": parts[-2], "seed": cfg.seed, "iteration": run.iteration,
+           "test_images": n}  # fmt: skip
     row.update({k: m.get(k) for k in KEYS})
     row["confusion"] = json.dumps(m["confusion"])
     return row
@@ -54,9 +59,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--iw-samples", type=int, default=20)
     p.add_argument("--iw-images", type=int, default=200)
+    p.add_argument("--data-name", help="score on this data set's test split instead of the run's")
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows = [rescore(r, a.images, a.iw_samples, a.iw_images) for r in a.runs]
+    rows = [rescore(r, a.images, a.iw_samples, a.iw_images, a.data_name) for r in a.runs]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
