@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from bench import metrics
 from bench.config import RunConfig, config_hash, to_yaml
-from bench.data.protocols import reference_test_set
+from bench.data.protocols import reference_mismatch, reference_test_set
 from bench.data.registry import ObjectImages, check_loaded, get_dataset
 from bench.evaluate import evaluate, to_float_images
 from bench.model_file import save_final_model
@@ -479,11 +479,11 @@ class Trainer:
             "seed": cfg.seed,
             "provenance": provenance(self.device),
         }
+        write_samples(self.run_dir, self.model, self.data.test, self.prior_prob(self.iteration),
+                      self.iteration)  # samples.npz: the report's reconstructions  # fmt: skip
         # A finished run keeps its weights only (model.pt: what the report and bench.api need),
         # written before result.json marks it complete; the resumable checkpoints (model,
         # estimator, Adam state: ~5x larger, twice) go once it is.
-        write_samples(self.run_dir, self.model, self.data.test, self.prior_prob(self.iteration),
-                      self.iteration)  # samples.npz: the report's reconstructions  # fmt: skip
         save_final_model(self.run_dir, self.model, iteration=self.iteration,
                          config_hash=self.hash, diverged_at=diverged_at)  # fmt: skip
         atomic_write_json(self.run_dir / "result.json", result)
@@ -500,12 +500,10 @@ class Trainer:
             if name not in get_dataset(cfg.data.name).protocols:  # asked for by the variant
                 out[name] = {"skipped": f"data set {cfg.data.name!r} has no protocol {name!r}"}
                 continue
-            if sorted(cfg.data.test_counts) != [0, 1, 2] or cfg.model.canvas != 50:
-                # The references' test sets hold 0-2 digits on 50x50 canvases: they measure the
-                # count experiment only. Say so in the result rather than fail the run.
-                log.info("%s: protocol %s skipped (its images hold 0-2 digits on 50x50)",
-                         self.run_dir.name, name)  # fmt: skip
-                out[name] = {"skipped": "the protocol's test images hold 0-2 digits on 50x50"}
+            mismatch = reference_mismatch(cfg.data, cfg.model.canvas)
+            if mismatch is not None:  # say so in the result rather than fail the run
+                log.info("%s: protocol %s skipped: %s", self.run_dir.name, name, mismatch)
+                out[name] = {"skipped": mismatch}
                 continue
             test = reference_test_set(cfg.data, name, n=ev.final_images, canvas=cfg.model.canvas)
             log.info("%s: final evaluation on protocol %s (%d images)", self.run_dir.name, name,

@@ -192,7 +192,9 @@ def _complete_record(task: dict[str, Any]) -> dict[str, Any] | None:
     run_dir = Path(task["run_dir"])
     done, problem = read_result(run_dir)
     if problem is not None:
-        log.warning("%s: %s; the run is finished again from its checkpoint", run_dir, problem)
+        log.warning(
+            "%s: %s; the run is redone (from its checkpoint if it has one)", run_dir, problem
+        )
     if (
         done is not None
         and done["status"] == "complete"
@@ -248,20 +250,28 @@ def _failure_provenance(task: dict[str, Any], when: str) -> dict[str, Any]:
     }
 
 
-def _record_failure(task: dict[str, Any], status: str, err: BaseException) -> dict[str, Any]:
-    text = "".join(traceback.format_exception(err))
-    log.error("%s: %s\n%s", task["run_dir"], status, text)
+def _write_record(
+    task: dict[str, Any], status: str, when: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """result.json of a run that did not complete: its status, the run's identity, `fields`
+    and where and when it happened (provenance[`when`]), written atomically."""
     record = {
         "status": status,
-        "error": text,
+        **fields,
         "experiment": task["experiment"],
         "variant": task["variant"],
         "seed": task["seed"],
         "config_hash": task["config_hash"],
-        "provenance": _failure_provenance(task, "failed_at"),
+        "provenance": _failure_provenance(task, when),
     }
     atomic_write_json(Path(task["run_dir"]) / RESULT, record)
     return record
+
+
+def _record_failure(task: dict[str, Any], status: str, err: BaseException) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(err))
+    log.error("%s: %s\n%s", task["run_dir"], status, text)
+    return _write_record(task, status, "failed_at", {"error": text})
 
 
 def _record_interrupted(
@@ -275,19 +285,12 @@ def _record_interrupted(
     `iteration`: where it stopped and checkpointed; None when the stop cut the step short (an
     exception, a second signal), and the run resumes from its last periodic checkpoint.
     """
-    record: dict[str, Any] = {
-        "status": "interrupted",
+    fields: dict[str, Any] = {
         "signal": signal.Signals(signum).name if signum else None,
         "iteration": iteration,
-        "experiment": task["experiment"],
-        "variant": task["variant"],
-        "seed": task["seed"],
-        "config_hash": task["config_hash"],
-        "provenance": _failure_provenance(task, "interrupted_at"),
     }
     if err is not None:
-        record["exception"] = "".join(traceback.format_exception(err))
+        fields["exception"] = "".join(traceback.format_exception(err))
     where = f"at iteration {iteration}" if iteration is not None else "during a step"
     log.warning("%s: interrupted %s; the same command resumes it", task["run_dir"], where)
-    atomic_write_json(Path(task["run_dir"]) / RESULT, record)
-    return record
+    return _write_record(task, "interrupted", "interrupted_at", fields)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,28 +166,30 @@ def _train_together(todo: list[tuple[_Member, RunConfig]], stopper: StopOnSignal
 
 def _fail_unfinished(members: list[_Member], status: str, err: BaseException) -> None:
     """After an exception in the group: each member that did not complete gets an error (or
-    timeout) record with the traceback; one the trainer did finish keeps its result."""
-    for member in members:
-        if member.record is not None:
-            continue
-        done = _complete_record(member.task)  # Trainer.finish wrote it before the exception
-        if done is not None:
-            member.record, member.attempt["end"] = _save_result(member.task, done), "complete"
-        else:
-            member.record, member.attempt["end"] = _record_failure(member.task, status, err), status
+    timeout) record with the traceback."""
+    _close_unfinished(members, status, lambda task: _record_failure(task, status, err))
 
 
 def _interrupt_unfinished(members: list[_Member], signum: int | None, err: BaseException) -> None:
     """After an exception or a forced stop: each member not yet finished is interrupted."""
+    _close_unfinished(
+        members, "interrupted", lambda task: _record_interrupted(task, signum, None, err)
+    )
+
+
+def _close_unfinished(
+    members: list[_Member], end: str, record: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Each member without a record: complete if Trainer.finish wrote its result before the
+    exception or stop (it keeps it), else `record(task)`, its attempt ending as `end`."""
     for member in members:
         if member.record is not None:
             continue
-        done = _complete_record(member.task)  # Trainer.finish wrote it before the stop
+        done = _complete_record(member.task)
         if done is not None:
             member.record, member.attempt["end"] = _save_result(member.task, done), "complete"
         else:
-            member.record = _record_interrupted(member.task, signum, None, err)
-            member.attempt["end"] = "interrupted"
+            member.record, member.attempt["end"] = record(member.task), end
 
 
 def _append_attempt(member: _Member) -> None:
