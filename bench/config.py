@@ -44,8 +44,9 @@ class DataConfig:
     # theirs (bench/data/protocols.py: pyro, addtt, aakhundov; MNIST training digits, 0-2
     # digits). The held-out set above is always evaluated and stays the headline.
     reference_protocols: list[str] = field(default_factory=list)
-    # The data set's own options (`options` of its plugin, with their defaults); multi_mnist
-    # has none. Unknown keys and wrong types are config errors.
+    # The data set's own options (`options` of its plugin, with their defaults); multi_mnist's:
+    # train_placement ("ink" / "frame") and train_overlap (false / true), the layout of the
+    # training canvases. Unknown keys and wrong types are config errors.
     params: dict[str, Any] = field(default_factory=dict)
 
 

@@ -59,6 +59,10 @@ RENDER_CHUNK = 16384
 #: Empty pixels around a rendered digit frame, so bilinear bleed at its edges is not cut off.
 _MARGIN = 1
 _SPLITS = ("train", "test")
+#: Where a digit may go: its ink box on the canvas, or its whole rescaled frame (Pyro's rule).
+PLACEMENTS = ("ink", "frame")
+#: Spec fields added after GENERATOR_VERSION 2, with the default that reproduces version 2.
+_LATER_FIELDS = {"placement": "ink", "overlap": False}
 _ARRAYS = ("images", "counts", "boxes", "labels", "source_index", "frame_boxes")
 
 
@@ -76,6 +80,13 @@ class MultiMnistSpec:
             digits keep their 28x28 size.
         scale_mean: mean of ``s``.
         scale_sd: standard deviation of ``s``.
+        placement: ``"ink"`` draws each digit's offset uniformly among the positions that keep
+            its ink box on the canvas (digits may touch the edges); ``"frame"`` among those that
+            keep its whole rescaled 28x28 frame on the canvas, as Pyro's generator does (digits
+            sit further from the edges).
+        overlap: when False the ink boxes of an image are disjoint; when True offsets are drawn
+            independently (as in Pyro's generator) and overlapping ink is merged by the
+            per-pixel maximum.
     """
 
     n_images: int
@@ -86,6 +97,8 @@ class MultiMnistSpec:
     rescale: bool = True
     scale_mean: float = 1.3
     scale_sd: float = 0.1
+    placement: str = "ink"
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         # Accept any sequence for counts but store a tuple, so the spec stays hashable.
@@ -116,6 +129,10 @@ class MultiMnistSpec:
             raise ValueError(f"scale_mean must be a positive number, got {self.scale_mean!r}")
         if not math.isfinite(self.scale_sd) or self.scale_sd < 0:
             raise ValueError(f"scale_sd must be a non-negative number, got {self.scale_sd!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
         if self.rescale and DIGIT / self.scale_mean > self.canvas:
             raise ValueError(
                 f"scale_mean={self.scale_mean} makes the mean digit "
@@ -124,9 +141,13 @@ class MultiMnistSpec:
 
     def key(self) -> str:
         """Short stable hash of all fields and :data:`GENERATOR_VERSION`."""
-        payload = json.dumps(
-            {"version": GENERATOR_VERSION, **self.to_dict()}, sort_keys=True
-        ).encode()
+        fields = self.to_dict()
+        # Fields added after version 2 enter the key only when they differ from their default,
+        # so the data sets (and caches) of earlier specs keep their keys.
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        payload = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -228,7 +249,7 @@ def generate(
         source[img, pos] = rng.integers(0, len(mnist_images), size=img.size)
         ratio[img, pos] = _draw_ratios(rng, spec, img.size)
         local[img, pos] = _ink_boxes(mnist_images, source[img, pos], ratio[img, pos])
-        pending = _place(rng, pending, counts, local, placed, size)
+        pending = _place(rng, pending, counts, local, placed, spec, ratio)
     else:
         if pending.size:
             raise RuntimeError(
@@ -237,7 +258,7 @@ def generate(
                 "use a larger canvas or smaller counts"
             )
 
-    images = _paste(mnist_images, source, ratio, local, placed, active, size)
+    images = _paste(mnist_images, source, ratio, local, placed, active, size, spec.overlap)
     boxes = placed.astype(np.float32)
     boxes[~active] = np.nan
     labels = np.where(active, mnist_labels[np.maximum(source, 0)].astype(np.int64), -1)
@@ -276,14 +297,17 @@ def _place(
     counts: np.ndarray,
     local: np.ndarray,
     placed: np.ndarray,
-    size: int,
+    spec: MultiMnistSpec,
+    ratio: np.ndarray,
 ) -> np.ndarray:
     """Rejection-sample integer offsets for the digits of ``pending`` images, in place.
 
     Slot k of every pending image is placed at once; each try draws a uniform offset that keeps
-    the ink box on the canvas and accepts it if the box is disjoint from slots 0..k-1. Returns
-    the images that ran out of tries (their slots are to be redrawn).
+    the ink box (``spec.placement == "frame"``: also the whole frame) on the canvas and accepts
+    it if the box is disjoint from slots 0..k-1 (always, with ``spec.overlap``). Returns the
+    images that ran out of tries (their slots are to be redrawn).
     """
+    size = spec.canvas
     failed = np.zeros(pending.size, dtype=bool)
     for k in range(int(counts[pending].max(initial=0))):
         todo = np.flatnonzero((counts[pending] > k) & ~failed)
@@ -292,9 +316,17 @@ def _place(
                 break
             img = pending[todo]
             box = local[img, k]
-            # Offsets range over every position with the whole ink box on the canvas.
-            dx = rng.integers(-box[:, 0], size - box[:, 2], endpoint=True)
-            dy = rng.integers(-box[:, 1], size - box[:, 3], endpoint=True)
+            # Offsets (patch origins) range over every position with the whole ink box on the
+            # canvas; with "frame", also the whole frame, which starts _MARGIN into its patch.
+            lo_x, hi_x = -box[:, 0], size - box[:, 2]
+            lo_y, hi_y = -box[:, 1], size - box[:, 3]
+            if spec.placement == "frame":
+                side = np.ceil(DIGIT * ratio[img, k] - 1e-6).astype(np.int64)
+                lo_x, lo_y = np.maximum(lo_x, -_MARGIN), np.maximum(lo_y, -_MARGIN)
+                hi_x = np.minimum(hi_x, size - _MARGIN - side)
+                hi_y = np.minimum(hi_y, size - _MARGIN - side)
+            dx = rng.integers(lo_x, hi_x, endpoint=True)
+            dy = rng.integers(lo_y, hi_y, endpoint=True)
             cand = box + np.stack([dx, dy, dx, dy], axis=1)
             prev = placed[img, :k]  # (m, k, 4)
             # Half-open boxes intersect iff they overlap on both axes.
@@ -303,7 +335,7 @@ def _place(
                 & (prev[..., 0] < cand[:, None, 2])
                 & (cand[:, None, 1] < prev[..., 3])
                 & (prev[..., 1] < cand[:, None, 3])
-            ).any(axis=1)
+            ).any(axis=1) & (not spec.overlap)
             placed[img[~hit], k] = cand[~hit]
             todo = todo[hit]
         failed[todo] = True
@@ -378,20 +410,26 @@ def _paste(
     placed: np.ndarray,
     active: np.ndarray,
     size: int,
+    overlap: bool = False,
 ) -> np.ndarray:
-    """Render every placed digit again and write its ink onto its canvas."""
+    """Render every placed digit again and write its ink onto its canvas (the per-pixel
+    maximum where digits overlap)."""
     images = np.zeros((len(source), size, size), dtype=np.uint8)
     flat = images.reshape(-1)
     img, pos = np.nonzero(active)
     offset = placed[img, pos, :2] - local[img, pos, :2]  # patch origin on the canvas (x, y)
     for idx, patch in _rendered(mnist_images, source[img, pos], ratio[img, pos]):
         j, r, c = np.nonzero(patch)
-        # Every ink pixel lies inside its digit's box, which is on the canvas and disjoint from
-        # the other boxes of the image; so the writes never collide and plain assignment equals
-        # the per-pixel max.
+        # Every ink pixel lies inside its digit's box, which is on the canvas. Without overlap the
+        # boxes of an image are disjoint, so writes never collide and plain assignment equals
+        # the per-pixel max (and keeps the bytes of earlier versions).
         y = offset[idx[j], 1] + r
         x = offset[idx[j], 0] + c
-        flat[(img[idx[j]] * size + y) * size + x] = patch[j, r, c]
+        where = (img[idx[j]] * size + y) * size + x
+        if overlap:
+            np.maximum.at(flat, where, patch[j, r, c])
+        else:
+            flat[where] = patch[j, r, c]
     return images
 
 
