@@ -45,8 +45,8 @@ class DataConfig:
     # digits). The held-out set above is always evaluated and stays the headline.
     reference_protocols: list[str] = field(default_factory=list)
     # The data set's own options (`options` of its plugin, with their defaults); multi_mnist's:
-    # train_placement ("ink" / "frame") and train_overlap (false / true), the layout of the
-    # training canvases. Unknown keys and wrong types are config errors.
+    # placement ("ink" / "frame") and overlap (false / true), the layout of its canvases
+    # (bench/data/datasets/multi_mnist.py). Unknown keys and wrong types are config errors.
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,6 +98,25 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # Downstream probes (experiment `representation`, docs/representation.md): after training,
+    # small models learn the digit sum and the digit order from the frozen model's latents, and
+    # a CNN from the pixels, with this many labelled training images each. Empty: no probes
+    # (every other experiment; the section then leaves the config hash as it was).
+    budgets: list[int] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["sum", "order"])  # "sum" and/or "order"
+    seeds: int = 3  # downstream seeds per task and budget (labelled subset, init, batches)
+    steps: int = 1500  # Adam steps of each downstream model, whatever the budget
+    batch_size: int = 64  # labelled images per step (the whole budget when smaller)
+    lr: float = 1e-3  # Adam learning rate of the downstream models
+    hidden: int = 256  # units of each of the two hidden layers of the latent probe
+    pixel_cnn: bool = True  # also train the pixel CNN baseline (cached per data set)
+    # Reuse the finished run of this experiment with the same variant, seed and training config
+    # (its model.pt) instead of training again; changes no number, so it is not hashed.
+    reuse_experiment: str = "count"
+
+
+@dataclass
 class RunConfig:
     seed: int = 0  # training seed: initialisation, data order, sampling
     out_dir: str = "results/single"  # where this run writes config, metrics, checkpoint, result
@@ -107,6 +126,7 @@ class RunConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -215,6 +235,7 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"config field {key}: expected {expected}")
+    _validate_probe(cfg.probe)
     try:
         dataset = get_dataset(cfg.data.name)
         dataset.validate(cfg.data, cfg.model.canvas)
@@ -229,6 +250,28 @@ def validate(cfg: RunConfig) -> None:
             f"config field data.reference_protocols: expected distinct names from {known} "
             f"(the held-out set is always evaluated), got {list(protocols)}"
         )
+
+
+PROBE_TASKS = ("sum", "order")
+
+
+def _validate_probe(probe: ProbeConfig) -> None:
+    checks = [
+        (all(b > 0 for b in probe.budgets) and len(set(probe.budgets)) == len(probe.budgets),
+         "probe.budgets", "distinct labelled-image counts > 0 (empty: no probes)"),
+        (bool(probe.tasks) and all(t in PROBE_TASKS for t in probe.tasks)
+         and len(set(probe.tasks)) == len(probe.tasks), "probe.tasks",
+         f"distinct names from {list(PROBE_TASKS)}"),
+        (probe.seeds >= 1, "probe.seeds", "an integer >= 1"),
+        (probe.steps >= 1, "probe.steps", "an integer >= 1"),
+        (probe.batch_size >= 1, "probe.batch_size", "an integer >= 1"),
+        (probe.lr > 0, "probe.lr", "a positive float"),
+        (probe.hidden >= 1, "probe.hidden", "an integer >= 1"),
+        (bool(probe.reuse_experiment), "probe.reuse_experiment", "an experiment name"),
+    ]  # fmt: skip
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"config field {key}: expected {expected}")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -259,5 +302,11 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("seed", "out_dir")) -
         d["data"].pop("name", None)
     if not d["data"].get("params"):
         d["data"].pop("params", None)
+    # Probes off (the default): the hash it had before the section. Where to reuse a trained
+    # model from changes no number.
+    probe = d.pop("probe", None) or {}
+    if probe.get("budgets"):
+        probe.pop("reuse_experiment", None)
+        d["probe"] = probe
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -34,13 +34,11 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from bench.run_folder import ATTEMPTS, CONFIG, METRICS, read_lines, read_result, read_submission
 from bench.runstate import (  # not bench.grid: gathering imports no model code
-    ATTEMPTS,
-    SUBMISSION,
+    Queue,
     SlurmError,
-    lock_holder,
-    read_json,
-    read_result,
+    run_state,
     slurm_available,
     slurm_queue,
 )
@@ -110,32 +108,8 @@ def _identity(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _read_lines(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    """JSON lines, skipping (and reporting) any that do not parse."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        problems.append(f"{path}: {err}")
-        return []
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i < len(lines) - 1:  # a torn last line is a writer at work, not a problem
-                problems.append(f"{path}: line {i + 1} is not valid JSON (skipped)")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _config_fields(run_dir: Path, problems: list[str]) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     out = {"target_iterations": NAN, "converged_accuracy": NAN, "converged_evals": NAN}
     if not path.exists():
         return out
@@ -150,36 +124,22 @@ def _config_fields(run_dir: Path, problems: list[str]) -> dict[str, Any]:
 
 
 def _run_row(
-    run_dir: Path,
-    queue: dict[tuple[str, int], tuple[str, str]] | None,
-    problems: list[str],
-    history: list[dict[str, Any]],
+    run_dir: Path, queue: Queue | None, problems: list[str], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     row: dict[str, Any] = {**_identity(run_dir), "run_dir": str(run_dir)}
     row.update(_config_fields(run_dir, problems))
-    row["attempts"] = len(_read_lines(run_dir / ATTEMPTS, problems))
-    submission = read_json(run_dir / SUBMISSION) or {}
-    record, problem = read_result(run_dir)
+    row["attempts"] = len(read_lines(run_dir / ATTEMPTS, problems))
+    submission = read_submission(run_dir) or {}
+    # The planner's decision (bench.runstate), under the hash the folder is named by; a run
+    # submitted while the queue cannot be asked, with nothing to say it started, is queued.
+    state = run_state(run_dir, run_dir.parent.name, queue, unasked_is_queued=True)
+    problem = state.problem
     if problem is not None:
         problems.append(f"{run_dir}: {problem}")
-    record = record or {}
+    record = state.record or {}
     provenance = record.get("provenance") or {}
     final = record.get("final") or {}
-    status = record.get("status")
-    if status is None:  # no (readable) result yet: ask the queue, the lock, the folder
-        live = None
-        if queue is not None and submission.get("cluster") == "slurm":
-            live = queue.get(
-                (submission.get("job_name", ""), int(submission.get("array_index", 0)))
-            )
-        if live is not None:
-            status = "running" if live[1] in ("RUNNING", "COMPLETING") else "queued"
-        elif lock_holder(run_dir) is not None:
-            status = "running"
-        elif submission and queue is None and not (run_dir / "checkpoint.pt").exists():
-            status = "queued"  # the queue cannot be asked; nothing says it started
-        else:
-            status = "partial"
+    status = state.table_status
     row.update(
         {
             "status": status,
@@ -261,11 +221,12 @@ def _eval_rows(run_dir: Path, history: list[dict[str, Any]]) -> list[dict[str, A
     return rows
 
 
-def _queue_if_needed(folders: list[Path]) -> dict[tuple[str, int], tuple[str, str]] | None:
-    """The SLURM queue, if some run waits on it and it can be asked; else None."""
+def _queue_if_needed(folders: list[Path]) -> Queue | None:
+    """The SLURM queue, if some run not yet complete was submitted there and it can be asked;
+    else None."""
     waiting = any(
-        (read_json(d / SUBMISSION) or {}).get("cluster") == "slurm"
-        and not (d / "result.json").exists()
+        (read_submission(d) or {}).get("cluster") == "slurm"
+        and (read_result(d)[0] or {}).get("status") != "complete"
         for d in folders
     )
     if not waiting or not slurm_available():
@@ -285,7 +246,7 @@ def gather(results_root: Path = Path("results"), write_csv: bool = True) -> Gath
     problems: list[str] = []
     runs, evals = [], []
     for run_dir in folders:
-        history = _read_lines(run_dir / "metrics.jsonl", problems)
+        history = read_lines(run_dir / METRICS, problems)
         runs.append(_run_row(run_dir, queue, problems, history))
         evals.extend(_eval_rows(run_dir, history))
     extra = sorted({key for row in runs for key in row} - set(RUN_COLUMNS))

@@ -1,15 +1,16 @@
 """Where each run of the grid stands: its folder's files, its lock, and the SLURM queue.
 
 A run's state is read from its folder alone (result.json, checkpoint, submission.json, the
-lock its worker holds) plus, for runs submitted to SLURM, the scheduler's queue; nothing else
-keeps track of runs. `inspect_run` says what the launcher does with it (bench/launcher.py).
+lock its worker holds; names and readers: bench/run_folder.py) plus, for runs submitted to
+SLURM, the scheduler's queue; nothing else keeps track of runs. `run_state` is the one place
+that decides it: the launcher's plan (skip, resume, redo, retry; bench/launcher.py) and
+`bench.gather`'s status column both come from it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import getpass
-import json
 import os
 import shutil
 import socket
@@ -18,35 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.storage import read_json_lines
+from bench.run_folder import (
+    ATTEMPTS,
+    LOCK,
+    RESULT,
+    SUBMISSION,
+    has_checkpoint,
+    last_evaluated_iteration,
+    read_json,
+    read_result,
+    read_submission,
+)
 
-# Files of a run folder besides the trainer's config.yaml, metrics.jsonl and checkpoints.
-RESULT = "result.json"
-SUBMISSION = "submission.json"  # which scheduler job holds the run (written before submitting)
-ATTEMPTS = "attempts.jsonl"  # one line per worker process that worked on the run
-LOCK = ".lock"  # flock held by the worker training the run; holds its pid and host
+# The run folder's names and readers live in bench/run_folder.py; these are re-exported.
+__all__ = [
+    "ATTEMPTS", "LIVE_STATES", "LOCK", "RESULT", "SUBMISSION", "RunState", "SlurmError",
+    "inspect_run", "last_evaluated_iteration", "live_job", "lock_holder", "read_json",
+    "read_result", "run_state", "slurm_available", "slurm_final_states", "slurm_queue",
+]  # fmt: skip
 
-
-def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(record, None), (None, why it is unreadable), or (None, None) when there is none."""
-    path = run_dir / RESULT
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as err:
-        return None, f"{RESULT} is unreadable ({type(err).__name__}: {err})"
-    if not isinstance(record, dict) or "status" not in record:
-        return None, f"{RESULT} has no 'status' field"
-    return record, None
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+Queue = dict[tuple[str, int], tuple[str, str]]  # (job name, array index) -> (job id, state)
 
 
 def lock_holder(run_dir: Path) -> str | None:
@@ -73,14 +65,6 @@ def lock_holder(run_dir: Path) -> str | None:
         return None
     finally:
         os.close(fd)
-
-
-def last_evaluated_iteration(run_dir: Path) -> int | None:
-    try:
-        history = read_json_lines(run_dir / "metrics.jsonl")
-    except (OSError, ValueError):
-        return None
-    return history[-1].get("iteration") if history else None
 
 
 # SLURM states in which a job may still train the run: never submit it again then.
@@ -111,7 +95,7 @@ def slurm_available() -> bool:
     return all(shutil.which(c) for c in ("sbatch", "squeue", "sacct", "scontrol"))
 
 
-def slurm_queue() -> dict[tuple[str, int], tuple[str, str]]:
+def slurm_queue() -> Queue:
     """Live jobs of this user: (job name, array index) -> (job id, state), array tasks expanded.
 
     Runs are matched by the unique job name of their array and their index in it, not by job
@@ -162,62 +146,89 @@ def slurm_final_states(job_ids: list[str]) -> dict[str, str]:
 class RunState:
     """Where a run stands, and what the launcher does about it.
 
-    status: complete, error, timeout, corrupt (unreadable result), partial (a checkpoint, no
-    result), interrupted (stopped by SIGINT/SIGTERM, checkpointed), new, queued or running.
+    status: complete, error, timeout, corrupt (unreadable result, or one of another config or
+    status), partial (a checkpoint, no result), interrupted (stopped by SIGINT/SIGTERM,
+    checkpointed), new, queued or running.
     """
 
     status: str
     detail: str  # one line for people
     job_id: str | None = None  # SLURM job holding the run, if any
+    record: dict[str, Any] | None = None  # its result.json, when readable
+    problem: str | None = None  # why its result.json is unreadable, if it is
 
     @property
     def to_run(self) -> bool:
         return self.status in ("error", "timeout", "corrupt", "partial", "interrupted", "new")
 
+    @property
+    def table_status(self) -> str:
+        """The status a runs table shows (bench.gather; bench/report/status.py counts them):
+        what the result file says unless something holds the run, else where it stands; a run
+        with no readable result and nothing holding it is "partial" (started, not finished)."""
+        if self.status == "corrupt" and self.record is not None:
+            return str(self.record["status"])  # another config hash or status: as recorded
+        return "partial" if self.status in ("corrupt", "new") else self.status
 
-def live_job(
-    run_dir: Path, queue: dict[tuple[str, int], tuple[str, str]] | None
-) -> tuple[str, str] | None:
+
+def live_job(run_dir: Path, queue: Queue | None) -> tuple[str, str] | None:
     """(job id, state) of the SLURM job that holds the run, if it is still queued or running."""
-    record = read_json(run_dir / SUBMISSION)
+    record = read_submission(run_dir)
     if queue is None or not record or record.get("cluster") != "slurm":
         return None
     return queue.get((record.get("job_name", ""), int(record.get("array_index", 0))))
 
 
-def inspect_run(
-    run_dir: Path, expected_hash: str, queue: dict[tuple[str, int], tuple[str, str]] | None
+def run_state(
+    run_dir: Path, expected_hash: str, queue: Queue | None, *, unasked_is_queued: bool = False
 ) -> RunState:
-    """The run's state from its folder and the SLURM queue (None: not consulted)."""
+    """The run's state from its folder and the SLURM queue (None: not consulted).
+
+    In order: a complete result under `expected_hash` is complete; a live SLURM job or a
+    worker holding the lock makes it queued or running; then what the result file says (an
+    unreadable one is redone); then a checkpoint makes it partial. `unasked_is_queued`: a run
+    that was submitted, while the queue could not be asked, and shows no sign of having started
+    (no result, lock or checkpoint) is queued rather than new (for reading results; the planner
+    instead treats it as new when it has no queue to ask, so it never waits on one).
+    """
+    record, problem = read_result(run_dir)
+    done = record if record is not None and record["status"] == "complete" else None
+    if done is not None and done.get("config_hash") == expected_hash:
+        return RunState("complete", f"complete ({done.get('outcome')})", record=done)
     job = live_job(run_dir, queue)
     if job is not None:
         status = "running" if job[1] in ("RUNNING", "COMPLETING") else "queued"
-        return RunState(status, f"{status} on SLURM as job {job[0]} ({job[1]})", job[0])
+        detail = f"{status} on SLURM as job {job[0]} ({job[1]})"
+        return RunState(status, detail, job[0], record, problem)
     holder = lock_holder(run_dir)
     if holder is not None:
-        return RunState("running", f"being trained by {holder}")
-    record, problem = read_result(run_dir)
+        return RunState("running", f"being trained by {holder}", None, record, problem)
     if problem is not None:
-        return RunState("corrupt", f"redo: {problem}")
+        return RunState("corrupt", f"redo: {problem}", problem=problem)
     if record is not None:
         status = record["status"]
-        if status == "complete" and record.get("config_hash") == expected_hash:
-            return RunState("complete", f"complete ({record.get('outcome')})")
         if status in ("error", "timeout"):
-            return RunState(status, f"retry after {status}: {_last_line(record.get('error'))}")
+            detail = f"retry after {status}: {_last_line(record.get('error'))}"
+            return RunState(status, detail, record=record)
         if status == "interrupted" and record.get("config_hash") in (expected_hash, None):
-            return RunState("interrupted", _interrupted_detail(run_dir, record))
-        return RunState("corrupt", f"redo: {RESULT} has status {status!r} / another config hash")
-    if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists():
+            return RunState("interrupted", _interrupted_detail(run_dir, record), record=record)
+        detail = f"redo: {RESULT} has status {status!r} / another config hash"
+        return RunState("corrupt", detail, record=record)
+    if has_checkpoint(run_dir):
         it = last_evaluated_iteration(run_dir)
         where = f" (last evaluation at iteration {it})" if it is not None else ""
         return RunState("partial", f"resume from its checkpoint{where}")
+    if unasked_is_queued and queue is None and read_submission(run_dir):
+        return RunState("queued", "submitted; no queue to ask, and nothing says it started")
     return RunState("new", "new")
+
+
+inspect_run = run_state  # its former name
 
 
 def _interrupted_detail(run_dir: Path, record: dict[str, Any]) -> str:
     by = f" by {record['signal']}" if record.get("signal") else ""
-    if not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists():
+    if not has_checkpoint(run_dir):
         return f"interrupted{by} before its first checkpoint: starts over"
     it = record.get("iteration")
     where = f" at iteration {it}" if it is not None else ""

@@ -13,7 +13,6 @@ the checkpoint are dropped on resume.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,18 +32,23 @@ from bench.data.protocols import reference_mismatch, reference_test_set
 from bench.data.registry import ObjectImages, check_loaded, get_dataset
 from bench.evaluate import evaluate, to_float_images
 from bench.model_file import save_final_model
-from bench.progress import PROGRESS, ProgressFile
+from bench.progress import ProgressFile
 from bench.provenance import provenance
+from bench.run_folder import (
+    CHECKPOINT,
+    CONFIG,
+    PREVIOUS_CHECKPOINT,
+    PROGRESS,
+    append_evaluation,
+    clear_evaluations,
+    complete_result,
+    keep_evaluations,
+    read_evaluations,
+    write_result,
+)
 from bench.runtime import keep_freed_memory
 from bench.samples_file import write_samples
-from bench.storage import (
-    append_json_line,
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    read_json_lines,
-    write_json_lines,
-)
+from bench.storage import atomic_torch_save, atomic_write_text
 from bench.variants import ensure_registered
 from implementations.core.estimators import Estimator
 from implementations.core.model import AIR
@@ -52,9 +56,6 @@ from implementations.core.priors import prior_prob_at
 from implementations.registry import build_estimator
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -254,9 +255,7 @@ class Trainer:
         self.status = ckpt.get("status", {})
         self.running = ckpt.get("running", {})
         # Evaluations written after this checkpoint will be written again, identically.
-        path = self.run_dir / "metrics.jsonl"
-        kept = [r for r in read_json_lines(path) if r["iteration"] <= self.iteration]
-        write_json_lines(path, kept)
+        keep_evaluations(self.run_dir, self.iteration)
 
     # ------------------------------------------------------------------ loop
     def prior_prob(self, iteration: int) -> float:
@@ -302,14 +301,14 @@ class Trainer:
     def prepare(self) -> bool:
         """Write the config, restore the newest checkpoint if any; True if training remains."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        atomic_write_text(self.run_dir / CONFIG, to_yaml(self.cfg))
         ckpt = load_checkpoint(self.run_dir, self.hash)
         if ckpt is not None:
             self.restore(ckpt)
             self.start_iteration = self.iteration
             log.info("%s: resuming from iteration %d", self.run_dir, self.iteration)
-        elif (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()  # a fresh start rewrites the history
+        else:
+            clear_evaluations(self.run_dir)  # a fresh start rewrites the history
         return self.needs_training()
 
     def needs_training(self) -> bool:
@@ -439,7 +438,7 @@ class Trainer:
             **{f"train_{k}": v / n for k, v in running.items() if k != "n"},
             **result,
         }
-        append_json_line(self.run_dir / "metrics.jsonl", record)
+        append_evaluation(self.run_dir, record)
         log.info(
             "%s it %d: count acc %.3f (mode %.3f), over/under %.3f/%.3f, elbo %.1f (%s)",
             self.run_dir.name, self.iteration, result["count_accuracy"],
@@ -450,7 +449,7 @@ class Trainer:
     # ------------------------------------------------------------------ result
     def finish(self) -> dict[str, Any]:
         cfg, ev = self.cfg, self.cfg.eval
-        history = read_json_lines(self.run_dir / "metrics.jsonl")
+        history = read_evaluations(self.run_dir)
         # Converged means: the sampled count accuracy on test images of the counts the run
         # trains on (all of them in `count`; the unseen count is the generalisation figure).
         accs = [r.get("count_accuracy_in_distribution", r["count_accuracy"]) for r in history]
@@ -486,7 +485,7 @@ class Trainer:
         # estimator, Adam state: ~5x larger, twice) go once it is.
         save_final_model(self.run_dir, self.model, iteration=self.iteration,
                          config_hash=self.hash, diverged_at=diverged_at)  # fmt: skip
-        atomic_write_json(self.run_dir / "result.json", result)
+        result = write_result(self.run_dir, result)  # with the run's identity (run.json)
         for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
             (self.run_dir / name).unlink(missing_ok=True)
         return result
@@ -514,13 +513,10 @@ class Trainer:
 
 def train_run(cfg: RunConfig) -> dict[str, Any]:
     """Train (or resume, or skip if complete) the run of `cfg`; returns its result record."""
-    result_path = Path(cfg.out_dir) / "result.json"
-    if result_path.exists():
-        try:
-            done = json.loads(result_path.read_text())
-            if done.get("status") == "complete" and done.get("config_hash") == config_hash(cfg):
-                log.info("%s: already complete, skipped", cfg.out_dir)
-                return done
-        except json.JSONDecodeError:
-            log.warning("%s is corrupt; the run is finished again", result_path)
+    done, problem = complete_result(Path(cfg.out_dir), config_hash(cfg))
+    if done is not None:
+        log.info("%s: already complete, skipped", cfg.out_dir)
+        return done
+    if problem is not None:
+        log.warning("%s: %s; the run is finished again", cfg.out_dir, problem)
     return Trainer(cfg).run()

@@ -6,6 +6,7 @@ its own test set from its config.yaml and evaluates it with bench.evaluate, writ
 run. It changes nothing in the run folders.
 
     python docs/generalisation/rescore.py OUT.csv RUN_DIR [RUN_DIR ...] [--data-name NAME]
+        [--data-params JSON]
 """
 
 from __future__ import annotations
@@ -30,12 +31,19 @@ KEYS = [
 
 
 def rescore(
-    run_dir: Path, n_images: int, iw_samples: int, iw_images: int, data_name: str | None = None
+    run_dir: Path,
+    n_images: int,
+    iw_samples: int,
+    iw_images: int,
+    data_name: str | None = None,
+    data_params: dict | None = None,
 ) -> dict:
     run = load_run(run_dir)
     cfg = run.cfg
     if data_name is not None:  # another data set's test split (e.g. a model trained elsewhere)
         cfg.data.name = data_name
+    if data_params is not None:  # another layout of it (replaces the run's data.params)
+        cfg.data.params = dict(data_params)
     test = load_datasets(cfg).test
     n = min(n_images, len(test))
     m = evaluate(
@@ -44,7 +52,8 @@ def rescore(
         frame_boxes=test.frame_boxes[:n], train_counts=cfg.data.train_counts,
     )  # fmt: skip
     parts = run_dir.parts
-    row = {"data": cfg.data.name, "experiment": parts[-4], "variant": parts[-3],
+    row = {"data": cfg.data.name, "data_params": json.dumps(cfg.data.params, sort_keys=True),
+           "experiment": parts[-4], "variant": parts[-3],
            "config_hash": parts[-2], "seed": cfg.seed, "iteration": run.iteration,
            "test_images": n}  # fmt: skip
     row.update({k: m.get(k) for k in KEYS})
@@ -60,9 +69,13 @@ def main() -> None:
     p.add_argument("--iw-samples", type=int, default=20)
     p.add_argument("--iw-images", type=int, default=200)
     p.add_argument("--data-name", help="score on this data set's test split instead of the run's")
+    p.add_argument("--data-params", type=json.loads, help='data.params to score with, as JSON '
+                   '(e.g. \'{"placement": "frame"}\'); replaces the run\'s')  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows = [rescore(r, a.images, a.iw_samples, a.iw_images, a.data_name) for r in a.runs]
+    rows = [
+        rescore(r, a.images, a.iw_samples, a.iw_images, a.data_name, a.data_params) for r in a.runs
+    ]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
