@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench.config import DataConfig
-from bench.data import multi_mnist
+from bench.data import digit_render
 from bench.data.datasets.multi_mnist import spec_of
 from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, generate
 from bench.data.registry import DatasetError, get_dataset
@@ -82,12 +82,12 @@ def test_overlap_merges_ink_by_maximum(mnist_test: tuple[np.ndarray, np.ndarray]
     assert hit.sum() > 20, "independent placement should overlap some pairs of digits"
     # Rebuild each image digit by digit: every image is the pixelwise max of its two digits.
     src = data.source_index.reshape(-1)
-    ratio = ((data.frame_boxes[..., 2] - data.frame_boxes[..., 0]) / multi_mnist.DIGIT).reshape(-1)
-    local = multi_mnist._ink_boxes(images, src, ratio.astype(np.float64))
+    ratio = ((data.frame_boxes[..., 2] - data.frame_boxes[..., 0]) / digit_render.DIGIT).reshape(-1)
+    local = digit_render.ink_boxes(images, src, ratio.astype(np.float64))
     origin = b.reshape(-1, 4)[:, :2].astype(np.int64) - local[:, :2]
     c = data.spec.canvas
     layers = np.zeros((len(src), c, c), dtype=np.uint8)
-    for idx, patch in multi_mnist._rendered(images, src, ratio.astype(np.float64)):
+    for idx, patch in digit_render.rendered(images, src, ratio.astype(np.float64)):
         for j, i in enumerate(idx):
             p = patch[j]
             r, q = np.nonzero(p)
