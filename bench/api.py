@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from bench.config import ConfigError, RunConfig, load_config
-from bench.model_file import MODEL_FILE, ModelFileError, load_final_model
-from bench.trainer import CHECKPOINT, CheckpointError, load_checkpoint
+from bench.model_file import ModelFileError, load_final_model
+from bench.run_folder import CHECKPOINT, CONFIG, MODEL_FILE
+from bench.trainer import CheckpointError, load_checkpoint
 from implementations.core.model import AIR
 from implementations.core.priors import prior_prob_at
 
@@ -92,7 +93,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     ValueError listing them (pick one, or use `find_runs`).
     """
     run_dir = _one_run_dir(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG
     try:
         cfg = load_config([config_path])
     except ConfigError as err:
@@ -131,21 +132,19 @@ def find_runs(
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist")
     pattern = f"{experiment}/{variant}/{config_hash}/seed_{seed}"
-    return sorted(p for p in root.glob(pattern) if (p / "config.yaml").is_file())
+    return sorted(p for p in root.glob(pattern) if (p / CONFIG).is_file())
 
 
 def _one_run_dir(run_dir: str | Path) -> Path:
     """The run folder `run_dir` names, directly or as a glob pattern matching one folder."""
     path = Path(run_dir)
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG).is_file():
         return path
     text = str(run_dir)
     if glob.has_magic(text):
         anchor = Path(text).anchor
         relative = text[len(anchor) :] if anchor else text
-        matches = sorted(
-            p for p in Path(anchor or ".").glob(relative) if (p / "config.yaml").is_file()
-        )
+        matches = sorted(p for p in Path(anchor or ".").glob(relative) if (p / CONFIG).is_file())
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:

@@ -9,7 +9,9 @@ Only the run folders are read (`<experiment>/<variant>/<config_hash>/seed_<n>/`)
 SLURM queue for runs submitted but not finished. A file that cannot be read is reported in
 `problems` and in the row's `error` column, never raised: gathering must work on a results
 folder that jobs are writing to right now. The CSV files are replaced atomically, so two
-gathers at once leave one complete file or the other.
+gathers at once leave one complete file or the other. A run's `status` is the planner's own
+decision (`bench.runstate.run_state`, as `RunState.table_status` shows it); the files are read
+through bench/run_folder.py and the fixed columns are bench/run_table.py's.
 
 Final metrics: every key of a result.json's "final" becomes a column `final_<key>`, and every
 key of its "final_protocols" (the same metrics on a reference protocol's test images, e.g.
@@ -35,6 +37,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from bench.run_folder import ATTEMPTS, CONFIG, METRICS, read_lines, read_result, read_submission
+from bench.run_table import EVAL_KEYS, FIXED_FINAL, RUN_COLUMNS
 from bench.runstate import (  # not bench.grid: gathering imports no model code
     Queue,
     SlurmError,
@@ -46,42 +49,7 @@ from bench.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RUN_COLUMNS = [
-    "experiment",
-    "variant",
-    "seed",
-    "config_hash",
-    "run_dir",
-    "status",
-    "outcome",
-    "diverged_at",
-    "iterations",
-    "target_iterations",
-    "wall_time_s",
-    "iterations_to_target",
-    "final_count_accuracy",
-    "final_count_accuracy_0",
-    "final_count_accuracy_1",
-    "final_count_accuracy_2",
-    "final_count_accuracy_3",
-    "final_elbo",
-    "final_iw_bound",
-    "final_box_iou",
-    "final_mean_count",
-    "final_confusion",
-    "error",
-    "slurm_job_id",
-    "git_commit",
-    "device",
-    "host",
-    "converged_accuracy",
-    "converged_evals",
-    "attempts",
-]
-# Final-metric columns every runs table has (older results lack some keys): the rest come from
-# the keys of each result.json's "final" and "final_protocols" (`final_columns`), after these.
-FIXED_FINAL = [c for c in RUN_COLUMNS if c.startswith("final_")]
-EVAL_KEYS = ["experiment", "variant", "seed", "config_hash", "iteration"]
+# The fixed columns (and what a table lacking one holds): bench/run_table.py.
 NAN = float("nan")
 
 

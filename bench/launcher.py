@@ -55,11 +55,11 @@ from bench.grid import (
     available,
     build_grid,
     group_runs,
-    inspect_run,
     load_profile,
     parse_names,
     parse_seeds,
     read_result,
+    run_state,
     slurm_available,
     slurm_queue,
 )
@@ -241,7 +241,7 @@ def run_grid(args: argparse.Namespace) -> int:
     session = None
     with launch_lock(results, exclusive=slurm and not args.dry_run):
         queue = current_queue(args.cluster, results, settle=not args.dry_run)
-        states = [inspect_run(r.run_dir, r.config_hash, queue) for r in runs]
+        states = [run_state(r.run_dir, r.config_hash, queue) for r in runs]
         print_plan(runs, states, everything=args.dry_run)
         jobs = group_runs(runs, states, profile.group_size)
         print_jobs(jobs, profile.group_size)

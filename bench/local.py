@@ -32,10 +32,17 @@ from typing import Any
 import submitit
 from submitit.local.local import LocalJob
 
-from bench.grid import RESULT, SUBMISSION, Profile, RunGroup, RunSpec, new_session_dir, read_result
+from bench.grid import Profile, RunGroup, RunSpec, new_session_dir
 from bench.local_controller import PARENT_ENV
 from bench.progress import JobBars
-from bench.storage import atomic_write_json
+from bench.run_folder import (
+    RESULT,
+    RunIdentity,
+    failure_record,
+    read_result,
+    write_result,
+    write_submission,
+)
 
 STOP_WAIT_S = 120.0  # how long stopped jobs get to checkpoint (a first step compiles ~25-60 s)
 
@@ -317,7 +324,7 @@ def _record_local_submission(
     if len(group.runs) > 1:
         record["group_seeds"] = group.seeds
     for run in group.runs:
-        atomic_write_json(run.run_dir / SUBMISSION, record)
+        write_submission(run.run_dir, record)
 
 
 def _collect(entry: _Running, stopping: bool) -> list[dict[str, Any]]:
@@ -338,20 +345,20 @@ def _result_or_death(
     record, _ = read_result(run.run_dir)
     path = run.run_dir / RESULT
     if record is None or path.stat().st_mtime < entry.submitted_at:  # nothing from this job
-        record = {
-            "experiment": run.experiment,
-            "variant": run.variant,
-            "seed": run.seed,
-            "config_hash": run.config_hash,
-        }
+        identity = RunIdentity(run.experiment, run.variant, run.seed, run.config_hash)
         log_tail = tail_text(Path(entry.job.paths.stderr))
         if stopping:
-            record.update(status="interrupted", signal="SIGKILL", iteration=None)
-            record["exception"] = f"{log_tail}\nkilled while stopping: {err}"
+            record = failure_record(
+                identity,
+                "interrupted",
+                signal="SIGKILL",
+                iteration=None,
+                exception=f"{log_tail}\nkilled while stopping: {err}",
+            )
         else:
-            record["status"] = "error"
-            record["error"] = f"{log_tail}\nworker process ended without a result: {err}"
-        atomic_write_json(path, record)
+            error = f"{log_tail}\nworker process ended without a result: {err}"
+            record = failure_record(identity, "error", error=error)
+        record = write_result(run.run_dir, record)
     return record
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.run_folder import MODEL_FILE
 from bench.storage import atomic_torch_save
 
-MODEL_FILE = "model.pt"
 FORMAT = "air-repro final model v1"
 
 

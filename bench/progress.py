@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.run_folder import METRICS, PROGRESS
 from bench.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-PROGRESS = "progress.json"
-METRICS = "metrics.jsonl"
 
 
 class ProgressFile:

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.run_folder import SAMPLES_FILE
+
 log = logging.getLogger(__name__)
 
-SAMPLES_FILE = "samples.npz"
 FORMAT_VERSION = 1
 N_IMAGES = 8
 _KEYS = ("index", "images", "true_counts", "true_boxes", "reconstructions", "counts", "boxes",

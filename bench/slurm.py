@@ -21,19 +21,24 @@ from typing import Any
 
 from bench.cli import UsageError
 from bench.grid import (
-    RESULT,
-    SUBMISSION,
     Profile,
     RunGroup,
     SlurmError,
     live_job,
     new_session_dir,
-    read_json,
-    read_result,
     slurm_final_states,
     slurm_queue,
 )
 from bench.local import tail_text
+from bench.run_folder import (
+    SUBMISSION,
+    RunIdentity,
+    failure_record,
+    read_result,
+    read_submission,
+    write_result,
+    write_submission,
+)
 from bench.storage import atomic_write_json
 
 log = logging.getLogger("air-repro")
@@ -242,7 +247,7 @@ def _record_slurm_submission(
     if len(group.runs) > 1:
         record["group_seeds"] = group.seeds
     for run in group.runs:
-        atomic_write_json(run.run_dir / SUBMISSION, record)
+        write_submission(run.run_dir, record)
 
 
 def _submit_report(
@@ -293,7 +298,7 @@ def settle_dead_jobs(results: Path, queue: dict[tuple[str, int], tuple[str, str]
 
     dead = []
     for run_dir in run_folders(results):
-        sub = read_json(run_dir / SUBMISSION)
+        sub = read_submission(run_dir)
         if not sub or sub.get("cluster") != "slurm" or not sub.get("job_id"):
             continue
         record, problem = read_result(run_dir)
@@ -305,21 +310,13 @@ def settle_dead_jobs(results: Path, queue: dict[tuple[str, int], tuple[str, str]
         state = states.get(sub["job_id"], "")
         if state not in DEAD_STATES:
             continue  # unknown yet (accounting lags), or ended cleanly: leave it to the plan
-        exp, var, digest, seed = run_dir.parts[-4:]
-        atomic_write_json(
-            run_dir / RESULT,
-            {
-                "status": DEAD_STATES[state],
-                "experiment": exp,
-                "variant": var,
-                "seed": int(seed.removeprefix("seed_")),
-                "config_hash": digest,
-                # Like a traceback, the summary comes last: plans show the last line.
-                "error": f"last lines of {sub.get('stderr')}:\n"
-                f"{tail_text(Path(sub.get('stderr', '')))}\n"
-                f"SLURM job {sub['job_id']} ended {state} without writing a result",
-            },
+        # Like a traceback, the summary comes last: plans show the last line.
+        error = (
+            f"last lines of {sub.get('stderr')}:\n{tail_text(Path(sub.get('stderr', '')))}\n"
+            f"SLURM job {sub['job_id']} ended {state} without writing a result"
         )
+        identity = RunIdentity.from_folder(run_dir)
+        write_result(run_dir, failure_record(identity, DEAD_STATES[state], error=error))
         settled += 1
     return settled
 

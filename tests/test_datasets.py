@@ -185,7 +185,7 @@ def test_experiments_carry_their_headline_and_the_papers_figure() -> None:
 
 
 def test_a_new_data_set_is_one_experiment_file(toy, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("bench.grid.EXPERIMENTS_DIR", tmp_path)
+    monkeypatch.setattr("bench.grid_config.EXPERIMENTS_DIR", tmp_path)
     (tmp_path / "squares.yaml").write_text(
         "description: count squares\nheadline_count: 3\npaper: {AIR: 0.5}\n"
         "config:\n  data:\n    name: toy_squares\n    train_counts: [0, 1, 2]\n"

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.run_folder import CONFIG
+
 log = logging.getLogger(__name__)
 
 IGNORED_CONFIG_KEYS = ("seed", "out_dir", "train.progress")  # differ per run by design
@@ -103,7 +105,7 @@ def read_run_config(run_dir: Any) -> dict[str, Any] | None:
     """The resolved config.yaml of a run folder as a dict, or None when unreadable."""
     if not isinstance(run_dir, str | Path) or not str(run_dir):
         return None
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG
     try:
         from omegaconf import OmegaConf
 

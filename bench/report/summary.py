@@ -15,7 +15,6 @@ Which runs count where:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from collections import Counter
@@ -40,6 +39,8 @@ from bench.report.measures import (  # noqa: F401  (GENERALISATION, MAX_COUNT: r
     versions,
 )
 from bench.report.rows import ROW, Row, rule_text
+from bench.run_folder import read_result as read_result_file
+from bench.run_table import RUN_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +52,7 @@ PAPER_GENERALISATION = {
     "extrapolation": {"AIR": 0.00, "DAIR": 0.80},
 }
 
-RUN_COLUMNS: dict[str, Any] = {
-    "experiment": "",
-    "variant": "",
-    "seed": -1,
-    "config_hash": None,
-    "run_dir": None,
-    "status": "partial",
-    "outcome": None,
-    "diverged_at": math.nan,
-    "iterations": math.nan,
-    "target_iterations": math.nan,
-    "wall_time_s": math.nan,
-    "iterations_to_target": math.nan,
-    "final_count_accuracy": math.nan,
-    **{f"final_count_accuracy_{k}": math.nan for k in range(MAX_COUNT + 1)},
-    "final_elbo": math.nan,
-    "final_iw_bound": math.nan,
-    "final_box_iou": math.nan,
-    "final_mean_count": math.nan,
-    "final_confusion": None,
-    "error": None,
-    "slurm_job_id": None,
-    "git_commit": None,
-    "device": None,
-    "host": None,
-    "converged_accuracy": math.nan,
-    "converged_evals": math.nan,
-}
+RUN_COLUMNS: dict[str, Any] = RUN_SCHEMA  # one schema with bench.gather's (bench/run_table.py)
 EVAL_COLUMNS: dict[str, Any] = {
     "experiment": "",
     "variant": "",
@@ -309,11 +283,7 @@ def comparisons(runs: pd.DataFrame, rows: Iterable[Row], experiment: str) -> lis
 def read_result(run_dir: Any) -> dict[str, Any] | None:
     if not isinstance(run_dir, str | Path) or not str(run_dir):
         return None
-    try:
-        loaded = json.loads((Path(run_dir) / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
+    return read_result_file(Path(run_dir))[0]
 
 
 def _counted(values: Iterable[Any]) -> list[tuple[str, int]]:
