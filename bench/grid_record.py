@@ -109,6 +109,7 @@ def make_record(
     overrides: Sequence[str],
     broken: Mapping[str, str] | None = None,
     variants_info: Mapping[str, dict[str, Any]] | None = None,
+    experiments_info: Mapping[str, dict[str, Any]] | None = None,
 ) -> GridRecord:
     """A record from the launcher's resolved runs (bench.grid.RunSpec: experiment, variant,
     seed, config_hash, cfg) and what the variant folders say (`variant_records`)."""
@@ -137,6 +138,7 @@ def make_record(
         broken=broken,
         configs=configs,
         variants_info=dict(variants_info or {}),
+        experiments_info=dict(experiments_info or {}),
         defaults=_stored_config(to_dict(load_config())),
         first_asked_at=now,
         last_asked_at=now,
@@ -186,11 +188,31 @@ def record_grid(
             overrides=[str(w) for w in args.overrides],
             broken=broken,
             variants_info=variant_records({r.variant for r in runs}),
+            experiments_info=experiment_records(experiments),
         )
         return write_record(results, record)
     except (OSError, ValueError) as err:
         log.warning("could not record the asked grid under %s: %s", Path(results) / FOLDER, err)
         return None
+
+
+def experiment_records(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """What the report needs of each named experiment, from its YAML now: its headline count
+    (None: overall accuracy), the headline in words, the paper's figure per model family and
+    where that figure comes from."""
+    from bench.grid import load_experiment
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        exp = load_experiment(name)
+        out[name] = {
+            "description": exp.description,
+            "headline_count": exp.headline_count,
+            "headline_label": exp.headline_label(),
+            "paper": {str(k): float(v) for k, v in exp.paper.items()},
+            "paper_source": exp.paper_source,
+        }
+    return out
 
 
 def variant_records(names: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -51,6 +51,10 @@ class GridRecord:
     # said when the grid was asked: the report reads published figures from here, not from
     # implementations/ (records written before this field have none)
     variants_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # experiment -> {"description", "headline_count", "headline_label", "paper", "paper_source"}
+    # as its YAML said when the grid was asked: the report's headline column and the paper's
+    # figure come from here (records written before this field have none)
+    experiments_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the run-config schema defaults at launch (the report's config differences are against
     # these, never against today's code; records written before this field have none)
     defaults: dict[str, Any] | None = None
@@ -91,6 +95,7 @@ class GridRecord:
             ],  # fmt: skip
             "configs": self.configs,
             "variants_info": self.variants_info,
+            "experiments_info": self.experiments_info,
             "defaults": self.defaults,
             "first_asked_at": self.first_asked_at,
             "last_asked_at": self.last_asked_at,
@@ -129,6 +134,16 @@ class GridRecord:
             for v in info.values()
         ):
             raise get._fail("variants_info", "an object of {description, reference} objects")
+        experiments_info = data.get("experiments_info", {})  # optional: older records have none
+        if not isinstance(experiments_info, dict) or not all(
+            isinstance(v, dict)
+            and isinstance(v.get("headline_count"), int | None)
+            and not isinstance(v.get("headline_count"), bool)
+            and isinstance(v.get("paper", {}), dict)
+            for v in experiments_info.values()
+        ):
+            expected = "an object of {headline_count: int or null, paper: {...}} objects"
+            raise get._fail("experiments_info", expected)
         if not isinstance(defaults := data.get("defaults"), dict | None):  # optional too
             raise get._fail("defaults", "an object (the schema defaults) or null")
         return cls(
@@ -144,6 +159,7 @@ class GridRecord:
             broken={str(k): str(v) for k, v in broken.items()},
             configs={str(k): v for k, v in configs.items() if isinstance(v, dict)},
             variants_info={str(k): v for k, v in info.items()},
+            experiments_info={str(k): v for k, v in experiments_info.items()},
             defaults=defaults,
             first_asked_at=get.number("first_asked_at"),
             last_asked_at=get.number("last_asked_at"),

@@ -21,6 +21,7 @@ from bench.grid_record import (
     FOLDER,
     AskedRun,
     GridRecord,
+    experiment_records,
     latest_record,
     read_records,
     record_grid,
@@ -289,6 +290,10 @@ def test_grid_record_round_trip_and_same_grid_same_file(tmp_path: Path) -> None:
     cfg = first.config("count", "air_nvil_fixed", runs[0].config_hash)
     assert cfg["train"]["lr"] == 3e-4 and "seed" not in cfg and "out_dir" not in cfg
     assert "cache_dir" not in cfg["data"]  # machine-specific folders are not recorded
+    # What the report needs of the experiment comes from its YAML at launch, not from today's.
+    info = first.experiments_info["count"]
+    assert info["headline_count"] is None and info["paper"] == {}
+    assert info["headline_label"] == "final count accuracy"
     launch(results, "--profile", "smoke", "-e", "count", "-v", "air_nvil_fixed",
            "-s", "0-2,5", "train.lr=3e-4")  # fmt: skip
     (again,), _ = read_records(results)
@@ -298,6 +303,15 @@ def test_grid_record_round_trip_and_same_grid_same_file(tmp_path: Path) -> None:
     latest, n, _ = latest_record(results)
     assert n == 2 and latest.seeds == [0] and latest.grid_id != first.grid_id
     assert seed_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+
+
+def test_experiment_records_carry_headline_and_paper() -> None:
+    info = experiment_records(["interpolation", "extrapolation"])
+    assert info["interpolation"]["headline_count"] == 2
+    assert info["extrapolation"]["headline_count"] == 3
+    assert info["extrapolation"]["paper"] == {"AIR": 0.0, "DAIR": 0.8}
+    assert info["interpolation"]["headline_label"] == "count accuracy on 2-digit images"
+    assert "3.1.1" in info["interpolation"]["paper_source"]
 
 
 def test_dry_run_records_nothing(tmp_path: Path) -> None:
@@ -316,6 +330,8 @@ def test_dry_run_records_nothing(tmp_path: Path) -> None:
          "nothing (missing)"),
         ({"version": 7}, "field 'version': expected 1, got 7"),
         ({"last_asked_at": "yesterday"}, "field 'last_asked_at': expected a number"),
+        ({"experiments_info": {"count": {"headline_count": "3"}}},
+         "field 'experiments_info': expected an object of {headline_count: int or null"),
     ],
 )  # fmt: skip
 def test_a_bad_record_is_a_problem_naming_file_and_field(
