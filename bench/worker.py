@@ -49,9 +49,17 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from bench.config import RunConfig, config_hash, load_config
-from bench.grid import ATTEMPTS, LOCK, RESULT, read_result
+from bench.run_folder import (
+    LOCK,
+    RunIdentity,
+    append_attempt,
+    complete_result,
+    failure_record,
+    read_result,
+    write_identity,
+    write_result,
+)
 from bench.stopping import StopOnSignal
-from bench.storage import append_json_line, atomic_write_json
 from bench.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,10 @@ class Worker(submitit.helpers.Checkpointable):
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
         if "group" in task:
+            if any((m["config"].get("probe") or {}).get("budgets") for m in task["group"]):
+                # Probe runs (experiment `representation`) train in a subfolder and probe after;
+                # their seeds run one after another (bench/probes/stage.py).
+                return [run_task(m, raise_errors=self.raise_errors) for m in task["group"]]
             return run_group_task(task, raise_errors=self.raise_errors)
         return run_task(task, raise_errors=self.raise_errors)
 
@@ -173,11 +185,13 @@ def run_task(task: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]
             if isinstance(stopper.target, Trainer):
                 attempt["start_iteration"] = stopper.target.start_iteration
                 attempt["end_iteration"] = stopper.target.iteration
-            append_json_line(run_dir / ATTEMPTS, attempt)
+            append_attempt(run_dir, attempt)
 
 
 def _task_config(task: dict[str, Any]) -> RunConfig:
-    """The task's run config, checked against the hash the launcher planned it under."""
+    """The task's run config, checked against the hash the launcher planned it under. First
+    the run's identity and command go to its folder (run.json): this worker takes it on."""
+    write_identity(Path(task["run_dir"]), RunIdentity.from_task(task), task.get("command"))
     cfg = load_config([(f"task {task['run_dir']}", task["config"])])
     if config_hash(cfg) != task["config_hash"]:
         raise RuntimeError(
@@ -190,28 +204,22 @@ def _task_config(task: dict[str, Any]) -> RunConfig:
 def _complete_record(task: dict[str, Any]) -> dict[str, Any] | None:
     """The run's result record if it is complete under the task's config; else None."""
     run_dir = Path(task["run_dir"])
-    done, problem = read_result(run_dir)
+    done, problem = complete_result(run_dir, task["config_hash"])
     if problem is not None:
         log.warning(
             "%s: %s; the run is redone (from its checkpoint if it has one)", run_dir, problem
         )
-    if (
-        done is not None
-        and done["status"] == "complete"
-        and done.get("config_hash") == task["config_hash"]
-    ):
-        return done
-    return None
+    return done
 
 
 def _save_result(task: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's record with the run's grid identity and the user's command line added
-    (the worker's own command is submitit's), written atomically."""
-    result = {**result, "experiment": task["experiment"], "variant": task["variant"]}
-    if task.get("command"):
-        result["provenance"] = {**(result.get("provenance") or {}), "command": task["command"]}
-    atomic_write_json(Path(task["run_dir"]) / RESULT, result)
-    return result
+    """`result` as the run's result.json, with its grid identity and the user's command line
+    (the worker's own command is submitit's; bench.run_folder.write_result adds run.json's).
+    The trainer's record already went to disk so and is not written again."""
+    named = {**result, "experiment": task["experiment"], "variant": task["variant"]}
+    if read_result(Path(task["run_dir"]))[0] == named:
+        return named
+    return write_result(Path(task["run_dir"]), named)
 
 
 def _train(
@@ -222,22 +230,40 @@ def _train(
     if done is not None:
         attempt["end"] = "already complete"
         return done
+    if cfg.probe.budgets:  # experiment `representation`: a model (reused or trained), probed
+        from bench.probes.stage import run_probe_task
+
+        def fit(training_cfg: RunConfig) -> dict[str, Any]:
+            return _fit(task, training_cfg, stopper, attempt)
+
+        return run_probe_task(task, cfg, fit, _save_result, attempt)
+    result = _fit(task, cfg, stopper, attempt)
+    if result["status"] != "complete":
+        return result  # the record of an interruption
+    attempt["end"] = "complete"
+    return _save_result(task, result)
+
+
+def _fit(
+    task: dict[str, Any], cfg: RunConfig, stopper: StopOnSignal, attempt: dict[str, Any]
+) -> dict[str, Any]:
+    """Train or resume `cfg` in `cfg.out_dir`: the trainer's record once complete, or the
+    run's interruption record (requeued jobs exit here)."""
     trainer = Trainer(cfg)
     stopper.target = trainer
     result = trainer.run()
     if result["status"] == "partial" and stopper.interrupted:
         attempt["end"] = "interrupted"
-        log.info("%s: checkpointed at iteration %d; stopped", run_dir, trainer.iteration)
+        log.info("%s: checkpointed at iteration %d; stopped", cfg.out_dir, trainer.iteration)
         return _record_interrupted(task, stopper.interrupt_signum, trainer.iteration)
     if result["status"] == "partial" and stopper.requested:
         attempt["end"] = "requeued"
-        log.info("%s: checkpointed at iteration %d; requeueing", run_dir, trainer.iteration)
+        log.info("%s: checkpointed at iteration %d; requeueing", cfg.out_dir, trainer.iteration)
         stopper.requeue()  # exits the process (SystemExit) once the job is requeued
     stopper.cancel()
     if result["status"] != "complete":
         raise RuntimeError(f"training stopped early at iteration {trainer.iteration}")
-    attempt["end"] = "complete"
-    return _save_result(task, result)
+    return result
 
 
 def _failure_provenance(task: dict[str, Any], when: str) -> dict[str, Any]:
@@ -250,28 +276,13 @@ def _failure_provenance(task: dict[str, Any], when: str) -> dict[str, Any]:
     }
 
 
-def _write_record(
-    task: dict[str, Any], status: str, when: str, fields: dict[str, Any]
-) -> dict[str, Any]:
-    """result.json of a run that did not complete: its status, the run's identity, `fields`
-    and where and when it happened (provenance[`when`]), written atomically."""
-    record = {
-        "status": status,
-        **fields,
-        "experiment": task["experiment"],
-        "variant": task["variant"],
-        "seed": task["seed"],
-        "config_hash": task["config_hash"],
-        "provenance": _failure_provenance(task, when),
-    }
-    atomic_write_json(Path(task["run_dir"]) / RESULT, record)
-    return record
-
-
 def _record_failure(task: dict[str, Any], status: str, err: BaseException) -> dict[str, Any]:
+    """result.json of a run that failed (error, or timeout): the traceback, where and when."""
     text = "".join(traceback.format_exception(err))
     log.error("%s: %s\n%s", task["run_dir"], status, text)
-    return _write_record(task, status, "failed_at", {"error": text})
+    record = failure_record(RunIdentity.from_task(task), status, error=text,
+                            provenance=_failure_provenance(task, "failed_at"))  # fmt: skip
+    return write_result(Path(task["run_dir"]), record)
 
 
 def _record_interrupted(
@@ -285,12 +296,14 @@ def _record_interrupted(
     `iteration`: where it stopped and checkpointed; None when the stop cut the step short (an
     exception, a second signal), and the run resumes from its last periodic checkpoint.
     """
-    fields: dict[str, Any] = {
-        "signal": signal.Signals(signum).name if signum else None,
-        "iteration": iteration,
-    }
-    if err is not None:
-        fields["exception"] = "".join(traceback.format_exception(err))
+    record = failure_record(
+        RunIdentity.from_task(task),
+        "interrupted",
+        signal=signal.Signals(signum).name if signum else None,
+        iteration=iteration,
+        exception="".join(traceback.format_exception(err)) if err is not None else None,
+        provenance=_failure_provenance(task, "interrupted_at"),
+    )
     where = f"at iteration {iteration}" if iteration is not None else "during a step"
     log.warning("%s: interrupted %s; the same command resumes it", task["run_dir"], where)
-    return _write_record(task, "interrupted", "interrupted_at", fields)
+    return write_result(Path(task["run_dir"]), record)

@@ -44,7 +44,7 @@ class PixelCNN(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(16, 32, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
         )  # fmt: skip
         side = canvas

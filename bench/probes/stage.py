@@ -11,9 +11,10 @@ comes from, in order:
 Training in a subfolder keeps result.json of the probe run for the finished run alone: it is
 written once, after the probes, so a run killed while probing is not taken for complete; the
 next attempt finds `training/` finished and runs only the probes. The run folder then gets the
-model's files (model.pt, samples.npz, metrics.jsonl: hard links where the file system allows,
-else copies), so `bench.api.load_run`, gather and the report treat it like any run; its
-config.yaml is its own (probe section included); `probes.json` holds every downstream score.
+model's files (model.pt and samples.npz as hard links where the file system allows, else
+copies; metrics.jsonl copied), so `bench.api.load_run`, gather and the report treat it like any
+run; its config.yaml is its own (probe section included); `probes.json` holds every downstream
+score.
 result.json is the training run's record with the probe scores added to `final`, `probes`
 (per seed, skipped budgets, timings) and `training_run` / `training_reused`.
 """
@@ -38,7 +39,7 @@ from bench.data.registry import get_dataset
 from bench.probes import suite
 from bench.probes.features import air_latents
 from bench.probes.learners import FitSettings
-from bench.runstate import read_result
+from bench.run_folder import read_result
 from bench.storage import atomic_write_json, atomic_write_text
 from bench.trainer import load_datasets
 from implementations.core.priors import prior_prob_at
@@ -87,10 +88,15 @@ def reusable_run(cfg: RunConfig, variant: str, run_dir: Path, training_hash: str
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """`target` becomes `source`'s content, atomically: a hard link, else a copy."""
+    """`target` becomes `source`'s content, atomically: a hard link, else a copy. Only files
+    that are replaced whole, never appended to, are linked (metrics.jsonl is copied)."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # linked by an earlier attempt (rename() of one link onto another does nothing)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
+        if source.name == "metrics.jsonl":
+            raise OSError("appended to in place: copied")
         os.link(source, tmp)
     except OSError:
         shutil.copy2(source, tmp)
@@ -120,6 +126,10 @@ def run_probe_task(
         source = run_dir / TRAINING_DIR
         training = finished_run(source, thash)
         if training is None:
+            for name in ("progress.json", "metrics.jsonl"):  # where the console's bars look
+                link = run_dir / name
+                if not link.exists() and not link.is_symlink():
+                    link.symlink_to(Path(TRAINING_DIR) / name)
             training = train(tcfg)
             if training.get("status") != "complete":
                 return training  # interrupted: the caller's record, resumed next time
@@ -176,6 +186,9 @@ def probe_model(
     scores = suite.latent_scores(tasks, latents, probe, settings)
     probe_s = time.perf_counter() - started
     final = suite.flat_scores(scores, "probe_")
+    for task, (tr, te) in tasks.items():  # chance: the training targets' commonest class
+        if len(tr.y) and len(te.y):
+            final[f"probe_{task}_chance"] = float(np.mean(te.y == np.bincount(tr.y).argmax()))
     dims = {len(v) for split in latents.values() for v in split.values()}
     out: dict[str, Any] = {"latents": scores, "latent_dim": dims.pop() if dims else 0}
     if probe.pixel_cnn:

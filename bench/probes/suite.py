@@ -9,7 +9,8 @@ and said so (the tiny profiles).
 
 Result keys (`flat_scores`), which land in result.json's `final` and so become `final_<key>`
 columns of runs.csv: `probe_<task>_acc_<budget>` (mean over downstream seeds), the same with
-`probe_cnn_` for the pixel CNN, and `probe_<task>_n_test` (test images of the task).
+`probe_cnn_` for the pixel CNN, and `probe_<task>_n_test` (test images of the task); the
+worker adds `probe_<task>_chance` (always the commonest training class; bench/probes/stage.py).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from bench.grid_record import GridRecord, read_records
-from bench.report import figures, summary
+from bench.report import figures, representation, summary
 from bench.report.configs import VariantInfo, recorded_defaults, row_configs, variant_infos
 from bench.report.failures import BLANK_MAX_IOU, BLANK_MIN_ACCURACY
 from bench.report.fidelity import apply_recorded, budget_rule, resolve_references
@@ -243,6 +243,7 @@ def _experiment(
         "by_variant": by_variant,
         "converged": sum(v["k"] for v in counted),
         "figures": figs,
+        "probes": representation.table(row_runs),  # experiment representation
         "failures": _failures(runs, rows, shown),
         "comparisons": summary.comparisons(runs, rows, name),
         "samples": samples,

@@ -25,7 +25,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from bench.report import stats
+from bench.report import representation, stats
 from bench.report.configs import VariantInfo
 from bench.report.measures import qualifies
 from bench.report.registry import FigureContext, figure, page_figures  # noqa: F401  (re-exported)
@@ -379,3 +379,20 @@ def _confusion(ctx: FigureContext) -> str | None:
 )
 def _generalisation(ctx: FigureContext) -> str | None:
     return ctx.generalisation
+
+
+@figure(
+    "representation",
+    "Downstream accuracy against labelled images",
+    order=70,
+    caption="Experiment representation (paper 3.1.2): test accuracy of a small network on each "
+    "row's frozen latents (one line per row: the mean over its runs, each run a dot, itself the "
+    "mean over downstream seeds), and of a CNN on the pixels from the same labelled images "
+    "(dashed, black); dotted: the paper's ~95 %; dash-dot: always answering the commonest "
+    "class. Table: 'Downstream probes' on this page.",
+    when=lambda ctx: representation.has_probes(ctx.row_runs),
+)
+def _representation(ctx: FigureContext) -> str | None:
+    with figure_style():
+        fig = representation.draw(ctx.row_runs, ctx.colours)
+    return None if fig is None else to_uri(fig)
