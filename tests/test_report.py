@@ -19,7 +19,7 @@ import pytest
 from scipy import stats as sps
 
 from bench.config import load_config, to_dict
-from bench.grid_record import AskedRun, GridRecord, variant_records
+from bench.grid_record import AskedRun, GridRecord, experiment_records, variant_records
 from bench.report import build_all, build_reports
 from bench.report.failures import (
     BLANK,
@@ -220,6 +220,8 @@ def asked_grid(runs: pd.DataFrame, extra: list[tuple[str, str, str, int]] = ()) 
         variants=sorted({r.variant for r in asked}), seeds=sorted({r.seed for r in asked}),
         overrides=[], runs=asked, first_asked_at=1.7e9, last_asked_at=1.7e9,
         variants_info=variant_records({r.variant for r in asked}),
+        # as the launcher records them (the synthetic "main" has no YAML: none for it)
+        experiments_info=experiment_records(sorted({r.experiment for r in asked} - {"main"})),
         defaults=to_dict(load_config()),
     )  # fmt: skip
 

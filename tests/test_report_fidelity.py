@@ -19,7 +19,14 @@ import pandas as pd
 import pytest
 
 from bench.gather import RUN_COLUMNS, gather
-from bench.grid_record import AskedRun, GridRecord, make_record, read_records, write_record
+from bench.grid_record import (
+    AskedRun,
+    GridRecord,
+    experiment_records,
+    make_record,
+    read_records,
+    write_record,
+)
 from bench.report import build_all, build_reports
 from bench.report.fidelity import (
     MIN_COMPARABLE_ITERATIONS,
@@ -114,6 +121,7 @@ def recorded_grid(runs: pd.DataFrame) -> GridRecord:
         grid_id="fidelity", command="python run_all.py", profile="test", cluster="local",
         experiments=sorted(set(runs["experiment"])), variants=sorted(set(runs["variant"])),
         seeds=[0, 1, 2, 3, 4], overrides=[], runs=asked, variants_info=info,
+        experiments_info=experiment_records(sorted(set(runs["experiment"]) - {"main"})),
         first_asked_at=1.7e9, last_asked_at=1.7e9,
     )  # fmt: skip
 

@@ -38,8 +38,16 @@ from typing import Any
 import pandas as pd
 
 from bench.grid_record import GridRecord, read_records
+from bench.report import experiments as experiments_meta
 from bench.report import figures, representation, summary
-from bench.report.configs import VariantInfo, recorded_defaults, row_configs, variant_infos
+from bench.report.configs import (
+    VariantInfo,
+    read_run_config,
+    recorded_defaults,
+    row_configs,
+    variant_infos,
+)
+from bench.report.experiments import HEADLINE as GEN_COUNTS
 from bench.report.failures import BLANK_MAX_IOU, BLANK_MIN_ACCURACY
 from bench.report.fidelity import apply_recorded, budget_rule, resolve_references
 from bench.report.html import page_name, render
@@ -120,10 +128,11 @@ def build_reports(
     out.mkdir(parents=True, exist_ok=True)
     shown = _PathShower(results_root, reports_root)
     runs, evals = summary.normalise_runs(runs), summary.normalise_evals(evals)
+    records = list(records) if records is not None else ([grid] if grid is not None else [])
+    experiments_meta.use(records, _one_config_each(runs))
     rows = build_rows(runs, grid)
     runs, evals = label_tables(runs, evals, rows)
     names = set(runs["variant"]) | set(evals["variant"]) | {r.variant for r in rows}
-    records = list(records) if records is not None else ([grid] if grid is not None else [])
     defaults = recorded_defaults(records)
     described = {v for r in records for v in r.variants_info}
     infos = variant_infos(sorted(names), runs, defaults, described)
@@ -175,11 +184,34 @@ def build_reports(
         variants=[infos[n] for n in sorted(infos)],
         generalisation=generalisation,
         gen_min=GENERALISATION_MIN_IN_DISTRIBUTION,
+        paper_figures=_paper_figures(),
         provenance=_run_provenance(runs, shown),
         problems=[shown.text(p) for p in problems],
     )
     log.info("report: %d pages in %.1f s", len(written) + 1, time.perf_counter() - t0)
     return [index, *written]
+
+
+def _one_config_each(runs: pd.DataFrame) -> dict[str, dict | None]:
+    """One readable config.yaml per experiment of the runs table (None: none readable)."""
+    out: dict[str, dict | None] = {}
+    for name, rows in runs.groupby("experiment", sort=True):
+        out[str(name)] = next(
+            (c for c in map(read_run_config, rows["run_dir"]) if c is not None), None
+        )
+    return out
+
+
+def _paper_figures() -> str:
+    """The paper's generalisation figures in words, as the experiments' records give them."""
+    parts = []
+    for name in sorted(experiments_meta.PAPER, key=lambda e: (e not in GEN_COUNTS, e)):
+        figures = experiments_meta.PAPER[name]
+        if figures:
+            said = ", ".join(f"{family} ~{value:.0%}" for family, value in figures.items())
+            source = experiments_meta.PAPER_SOURCE.get(name)
+            parts.append(f"{name}: {said}" + (f" ({source})" if source else ""))
+    return "; ".join(parts) or "none recorded for these experiments"
 
 
 def _experiment(

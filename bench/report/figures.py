@@ -274,7 +274,7 @@ def generalisation_figure(
                 else:  # say so, rather than leave a gap that reads as "0 %"
                     ax.text(i, 0.5, "no run counts\nits training counts", ha="center",
                             rotation=90, fontsize=8, color="0.4")  # fmt: skip
-            for family, value in PAPER_GENERALISATION[experiment].items():
+            for family, value in PAPER_GENERALISATION.get(experiment, {}).items():
                 ax.axhline(value, color=FAMILY_COLOURS[family], ls="--", lw=1.5)
                 ax.annotate(  # outside the axes, right of the line: never over the dots
                     f"paper {family}\n{value:.0%}", (1.0, value), xycoords=("axes fraction",
@@ -374,7 +374,7 @@ def _confusion(ctx: FigureContext) -> str | None:
     caption="Held-out-count accuracy of every seed in this experiment and its companion; blue "
     "AIR, orange DAIR (model.dair), black bars medians of the runs that count their training "
     "counts, grey crosses the runs that do not (left out), dashed lines the paper's figures "
-    "(Eslami et al. 2016, section 3.1.1).",
+    "(each experiment's `paper`, recorded at launch).",
     when=lambda ctx: ctx.is_generalisation,
 )
 def _generalisation(ctx: FigureContext) -> str | None:

@@ -27,6 +27,12 @@ import pandas as pd
 
 from bench.report import stats
 from bench.report.configs import VariantInfo
+from bench.report.experiments import (  # noqa: F401  (headline_*: re-exported)
+    PAPER,
+    PAPER_SOURCE,
+    headline_column,
+    headline_label,
+)
 from bench.report.failures import KINDS, classify, parse_confusion, traceback_excerpt
 from bench.report.fidelity import published_comparison
 from bench.report.measures import (  # noqa: F401  (GENERALISATION, MAX_COUNT: re-exported)
@@ -46,11 +52,8 @@ log = logging.getLogger(__name__)
 
 FINISHED = ("complete", "error", "timeout")
 PENDING = ("running", "queued", "partial", "interrupted")
-# The AIR paper's strong-generalisation figures (../shared/docs/REFERENCE.md, section 3.1.1).
-PAPER_GENERALISATION = {
-    "interpolation": {"AIR": 0.60, "DAIR": 0.95},
-    "extrapolation": {"AIR": 0.00, "DAIR": 0.80},
-}
+# The paper's figure per experiment and model family, from the experiments' YAML as recorded.
+PAPER_GENERALISATION = PAPER
 
 RUN_COLUMNS: dict[str, Any] = RUN_SCHEMA  # one schema with bench.gather's (bench/run_table.py)
 EVAL_COLUMNS: dict[str, Any] = {
@@ -96,19 +99,8 @@ def normalise_evals(evals: pd.DataFrame | None) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------- verdicts
 def experiment_order(names: Iterable[str]) -> list[str]:
     """Experiments in reading order: the others by name, then interpolation, extrapolation."""
-    gen = list(GENERALISATION)
+    gen = sorted(GENERALISATION, key=lambda e: (GENERALISATION[e], e))
     return sorted(set(names), key=lambda n: (n in gen, gen.index(n) if n in gen else 0, n))
-
-
-def headline_column(experiment: str) -> str:
-    """The accuracy a variant is judged by: overall, or on the held-out count."""
-    k = GENERALISATION.get(experiment)
-    return "final_count_accuracy" if k is None else f"final_count_accuracy_{k}"
-
-
-def headline_label(experiment: str) -> str:
-    k = GENERALISATION.get(experiment)
-    return "final count accuracy" if k is None else f"count accuracy on {k}-digit images"
 
 
 def verdict(
@@ -164,7 +156,7 @@ def verdict(
     out["source"] = _source(row.reference) if known else None
     if experiment in GENERALISATION and out["reference"]:
         # A variant's source names where its main figures come from; these come from the paper.
-        out["source"] = "Eslami et al. 2016, section 3.1.1 (REFERENCE.md, strong generalisation)"
+        out["source"] = PAPER_SOURCE.get(experiment) or "the AIR paper (the experiment's YAML)"
     return out
 
 
