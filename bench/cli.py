@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "-g",
         "--group-size",
         type=int,
-        help="seeds of one config trained together by one job (default: the profile's group_size)",
+        help="seeds of one config trained together by one job; 0: as many as the free GPU "
+        "memory holds (default: the profile's group_size)",
     )
     p.add_argument(
         "--results", type=Path, default=Path("results"), help="results folder (default: results/)"

@@ -98,7 +98,8 @@ class Profile:
     variants: list[str] = field(default_factory=list)  # default --variants; empty: all valid
     resources: Resources = field(default_factory=Resources)  # per job; a variant's own win
     # Seeds of one (experiment, variant, config) trained together by one job (bench/seedgroup.py,
-    # vectorised over the seeds); 1: one run per job. Results stay one folder per seed.
+    # vectorised over the seeds); 1: one run per job; 0: as many seeds as the free GPU memory
+    # holds (bench/gpu_plan.py). Results stay one folder per seed.
     group_size: int = 1
     local: LocalSettings = field(default_factory=LocalSettings)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
@@ -189,9 +190,10 @@ def load_profile(name: str, overrides: list[str] | None = None) -> Profile:
         raise GridError(f"{path}: local.jobs and slurm.array_parallelism must be >= 1")
     if profile.slurm.max_array_size is not None and profile.slurm.max_array_size < 1:
         raise GridError(f"{path}: slurm.max_array_size must be >= 1 (or null: the cluster's)")
-    if profile.group_size < 1:
+    if profile.group_size < 0:
         raise GridError(
-            f"{path}: group_size must be >= 1 (seeds trained by one job), got {profile.group_size}"
+            f"{path}: group_size must be >= 1 (seeds trained by one job) or 0 (auto: as many as "
+            f"the free GPU memory holds), got {profile.group_size}"
         )
     return profile
 

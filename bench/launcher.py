@@ -155,8 +155,8 @@ def plan_grid(args: argparse.Namespace) -> tuple[Profile, list[RunSpec], dict[st
                 raise GridError(f"--jobs must be >= 1, got {args.jobs}")
             profile.local.jobs = args.jobs
         if args.group_size is not None:
-            if args.group_size < 1:
-                raise GridError(f"--group-size must be >= 1, got {args.group_size}")
+            if args.group_size < 0:
+                raise GridError(f"--group-size must be >= 1, or 0 (auto), got {args.group_size}")
             profile.group_size = args.group_size
         experiments = parse_names(
             args.experiments or profile.experiments, available(EXPERIMENTS_DIR), "experiment"
@@ -198,6 +198,33 @@ def print_jobs(jobs: list[RunGroup], group_size: int) -> None:
     runs = sum(len(job.runs) for job in jobs)
     how = f"groups of up to {group_size} seeds" if group_size > 1 else "one run per job"
     print(f"{_count(runs, 'run')} in {_count(len(jobs), 'job')} ({how})")
+
+
+def resolve_group_size(group_size: int, runs: list[RunSpec]) -> int:
+    """The profile's group size, or with 0 (auto) as many seeds as the free GPU memory holds."""
+    from bench.gpu_plan import AUTO, auto_group_size
+
+    if group_size != AUTO:
+        return group_size
+    per_config = Counter((r.experiment, r.variant, r.config_hash) for r in runs)
+    device = str(runs[0].cfg.train.device) if runs else "cpu"
+    size, why = auto_group_size(max(per_config.values(), default=1), device)
+    print(why)
+    return size
+
+
+def expected_wall(jobs: list[RunGroup], results: Path) -> str:
+    """The plan's line on how long the runs to train should take on this device."""
+    import torch
+
+    from bench.gpu_plan import expected_wall_line
+    from bench.provenance import device_name
+
+    todo = [run for job in jobs for run in job.runs]
+    device = torch.device(str(todo[0].cfg.train.device) if todo else "cpu")
+    usable = device.type != "cuda" or torch.cuda.is_available()
+    label = device_name(device) if usable else str(device)
+    return expected_wall_line([r.cfg.train.iterations for r in todo], results, label)
 
 
 def _count(n: int, noun: str) -> str:
@@ -243,8 +270,10 @@ def run_grid(args: argparse.Namespace) -> int:
         queue = current_queue(args.cluster, results, settle=not args.dry_run)
         states = [run_state(r.run_dir, r.config_hash, queue) for r in runs]
         print_plan(runs, states, everything=args.dry_run)
-        jobs = group_runs(runs, states, profile.group_size)
-        print_jobs(jobs, profile.group_size)
+        group_size = resolve_group_size(profile.group_size, runs)
+        jobs = group_runs(runs, states, group_size)
+        print_jobs(jobs, group_size)
+        print(expected_wall(jobs, results))
         from bench.grid_record import record_grid  # the asked grid, for the report (issue 14)
 
         record_grid(results, args, profile, runs, broken)  # writes nothing for --dry-run

@@ -130,8 +130,8 @@ def _history(run_dir: Path) -> list[dict]:
             "'profile.slurm.array_paralelism'; did you mean 'profile.slurm.array_parallelism'?",
         ),
         (["--cluster", "slurm", "--jobs", "0"], "--jobs must be >= 1"),
-        (["--group-size", "0"], "--group-size must be >= 1"),
-        (["profile.group_size=0"], "group_size must be >= 1"),
+        (["--group-size", "-1"], "--group-size must be >= 1, or 0 (auto)"),
+        (["profile.group_size=-2"], "group_size must be >= 1 (seeds trained by one job) or 0"),
         (
             ["profile.group_size=ten"],
             "error: command-line override 'profile.group_size=ten': profile.group_size expects "
