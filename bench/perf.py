@@ -2,11 +2,20 @@
 
     python -m bench.perf                       # every variant, batch 64, this machine's default
     python -m bench.perf --variants air_nvil_fixed --iterations 300 --device cuda
+    python -m bench.perf -v air_nvil_fixed -g 1 4 16    # also S seeds trained together
+    python -m bench.perf --end-to-end -v air_nvil_fixed --seeds 0-3 --group-size 4
 
 For each variant it prints and writes (JSON and CSV, under `results/perf/` by default): the
-median wall time of one optimisation step after warm-up, the peak memory, the FLOPs of one
+median wall time of one training iteration after warm-up, the peak memory, the FLOPs of one
 step (counted by torch's FlopCounterMode), the device's measured matrix-multiply throughput
 and the ratio of the two, i.e. the time the step would take if it ran at matmul speed.
+
+What is timed is the loop body the runs execute, called as they call it: `RunLoop.iteration`
+(bench/train_loop.py: batch, loss, backward, clipping, Adam, divergence check, log sums,
+progress) for single runs and `GroupLoop.iteration` (bench/group_loop.py) for seed groups;
+evaluations and checkpoints are kept out of this clock by setting their intervals past the
+timed iterations. `--end-to-end` (bench/perf_e2e.py) times them too: a short real grid through
+run_all.py, as seed-iterations per second of wall time with evaluation's share.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +44,7 @@ from bench.overrides import OverrideError, check_overrides
 from bench.provenance import device_name
 from bench.runtime import keep_freed_memory
 from bench.storage import atomic_write_json, atomic_write_text
+from bench.train_loop import RunLoop
 from bench.trainer import Datasets, Trainer
 from bench.variants import discover
 
@@ -84,6 +95,24 @@ def count_flops(trainer: Trainer, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+# The timed loops are the real ones; these keep evaluations and checkpoints out of the
+# per-iteration clock (the end-to-end mode, bench/perf_e2e.py, times them as they run).
+QUIET = ["train.iterations=1000000000", "train.eval_every=1000000000",
+         "train.checkpoint_every=1000000000", "train.checkpoint_minutes=1e9",
+         "train.progress=false"]  # fmt: skip
+
+
+def _time_calls(call: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def benchmark_variant(
     name: str,
     overrides: list[str],
@@ -91,35 +120,35 @@ def benchmark_variant(
     iterations: int,
     warmup: int,
     data: Datasets,
+    scratch: Path,
 ) -> dict:
-    """Time `iterations` optimisation steps of variant `name` after `warmup` steps.
+    """Time `iterations` training iterations of variant `name` after `warmup` of them.
 
-    A step is exactly the trainer's (`Trainer.step`: loss, backward, gradient norm, Adam), so
+    An iteration is exactly the run's (`RunLoop.iteration`, what `Trainer._loop` runs: batch
+    gather, loss, backward, gradient norm, Adam, divergence check, log sums, progress), so
     `train.compile=true` and every other training setting are timed as they train.
     """
     variant = discover().variants[name]
-    cfg = variant.run_config(overrides=[f"train.device={device}", *overrides])
-    trainer = Trainer(cfg, data=data)  # evaluates nothing here: only `step` is called
+    folder = scratch / f"loop_{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = variant.run_config(overrides=[f"train.device={device}", *QUIET, *overrides,
+                                        f"out_dir={folder}"])  # fmt: skip
+    trainer = Trainer(cfg, data=data)  # evaluates and checkpoints nothing here (QUIET)
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    loop = RunLoop(trainer)
     batch = cfg.train.batch_size
-    x_all = to_float_images(data.train.images, device)
-
-    def step(i: int) -> None:
-        start = (i * batch) % (len(x_all) - batch)
-        trainer.step(x_all[start : start + batch], 0.01)
-
+    x = to_float_images(data.train.images[:batch], device)
     compile_start = time.perf_counter()
-    step(0)  # with train.compile, this is where compilation happens
+    loop.iteration()  # with train.compile, this is where compilation happens
     first_step_s = time.perf_counter() - compile_start
-    for i in range(warmup):
-        step(i)
-    flops = count_flops(trainer, x_all[:batch])
-    times = []
-    for i in range(iterations):
-        _sync(device)
-        t = time.perf_counter()
-        step(i)
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    _time_calls(loop.iteration, warmup, device)
+    flops = count_flops(trainer, x)
+    times = _time_calls(loop.iteration, iterations, device)
+    if loop.diverged:
+        raise RuntimeError(
+            f"{name}: training diverged while timing (iteration {trainer.iteration})"
+        )
+    shutil.rmtree(folder, ignore_errors=True)
     return {
         "variant": name,
         "batch_size": batch,
@@ -130,7 +159,7 @@ def benchmark_variant(
         "peak_memory_mb": _peak_memory_mb(device),
         "first_step_s": first_step_s,
         "compile": cfg.train.compile,
-        "sparse_images": trainer.model.flat_images(x_all[:1]).sparse,
+        "sparse_images": trainer.model.flat_images(x[:1]).sparse,
     }  # fmt: skip
 
 
@@ -141,28 +170,28 @@ def benchmark_groups(
     sizes: list[int],
     iterations: int,
     warmup: int,
-    out_root: Path,
+    data: Datasets,
+    scratch: Path,
 ) -> list[dict]:
-    """Seed-iterations per second when S seeds of `name` train together (bench.seedgroup)."""
+    """Seed-iterations per second when S seeds of `name` train together: the time of the
+    group's iteration as it trains (`GroupLoop.iteration`: gather, noise, vectorised loss,
+    backward, per-seed clipping, per-seed Adam, divergence flags and log sums)."""
+    from bench.group_loop import GroupLoop
     from bench.seedgroup import SeedGroup
 
     variant = discover().variants[name]
     rows = []
     for size in sizes:
-        folder = out_root / f"group_{name}_{size}"
+        folder = scratch / f"group_{name}_{size}"
         shutil.rmtree(folder, ignore_errors=True)
         cfgs = [
-            variant.run_config(overrides=[
-                f"train.device={device}", f"train.iterations={warmup + iterations}",
-                "train.eval_every=1000000000", "train.checkpoint_every=1000000000",
-                "train.checkpoint_minutes=1e9", "train.progress=false", "data.n_test=64",
-                *overrides, f"seed={seed}", f"out_dir={folder}/seed_{seed}",
-            ])
+            variant.run_config(overrides=[f"train.device={device}", *QUIET, *overrides,
+                                          f"seed={seed}", f"out_dir={folder}/seed_{seed}"])
             for seed in range(size)
         ]  # fmt: skip
-        group = SeedGroup(cfgs)
-        group._train_vectorised(list(range(size)))
-        step = statistics.median(group.step_times[warmup:])
+        loop = GroupLoop(SeedGroup(cfgs, data), list(range(size)))
+        _time_calls(loop.iteration, warmup, device)
+        step = statistics.median(_time_calls(loop.iteration, iterations, device))
         rows.append({"variant": name, "seeds": size, "median_ms_per_step": 1000 * step,
                      "seed_iterations_per_s": size / step,
                      "peak_memory_mb": _peak_memory_mb(device)})  # fmt: skip
@@ -212,6 +241,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="also time S seeds trained together, first variant only: 1,4,16 or 1 4 16 "
         "(default: none)",
+    )
+    p.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="instead: run a short real grid through run_all.py (in this process, --cluster "
+        "debug, a temporary results folder) and report seed-iterations/s end to end, with "
+        "evaluation's and checkpoints' share of the wall time (bench/perf_e2e.py)",
+    )
+    p.add_argument(
+        "--seeds", default="0-1", help="--end-to-end: seeds of the grid (default: %(default)s)"
+    )
+    p.add_argument(
+        "--profile", default="smoke", help="--end-to-end: run_all.py profile (default: %(default)s)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=1,
+        help="--end-to-end: seeds trained together per job (default: %(default)s)",
     )
     p.add_argument(
         "overrides",
@@ -271,13 +319,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    out = Path(args.out)
+    if args.end_to_end:
+        from bench.perf_e2e import end_to_end
+
+        return end_to_end(names, args, out)
     base = load_config(overrides=args.overrides)
     data = timing_data(base)
     peak = matmul_gflops(device)
     rows = []
     for name in names:
         log.info("timing %s (%d iterations after %d warm-up)", name, args.iterations, args.warmup)
-        row = benchmark_variant(name, args.overrides, device, args.iterations, args.warmup, data)
+        row = benchmark_variant(name, args.overrides, device, args.iterations, args.warmup, data,
+                                out)  # fmt: skip
         row["matmul_gflops"] = peak
         row["floor_ms"] = 1000 * row["gflop_per_iteration"] / peak
         row["ratio_to_floor"] = row["median_ms"] / row["floor_ms"]
@@ -285,14 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     machine = {"device": device_name(device), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": platform.machine()}  # fmt: skip
-    out = Path(args.out)
     atomic_write_json(out / "perf.json", {"machine": machine, "rows": rows})
     atomic_write_text(out / "perf.csv", table.to_csv(index=False))
     print(f"device: {machine['device']}, torch {machine['torch']}, threads {machine['threads']}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.group_sizes:
         groups = benchmark_groups(names[0], args.overrides, device, args.group_sizes,
-                                  args.iterations, args.warmup, out)  # fmt: skip
+                                  args.iterations, args.warmup, data, out)  # fmt: skip
         group_table = pd.DataFrame(groups)
         atomic_write_text(out / "perf_groups.csv", group_table.to_csv(index=False))
         print(group_table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -17,28 +17,24 @@ import logging
 import math
 import random
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bench import metrics
 from bench.config import RunConfig, config_hash, to_yaml
 from bench.data.protocols import reference_mismatch, reference_test_set
 from bench.data.registry import ObjectImages, check_loaded, get_dataset
-from bench.evaluate import evaluate, to_float_images
+from bench.evaluate import evaluate
 from bench.model_file import save_final_model
-from bench.progress import ProgressFile
 from bench.provenance import provenance
 from bench.run_folder import (
     CHECKPOINT,
     CONFIG,
     PREVIOUS_CHECKPOINT,
-    PROGRESS,
     append_evaluation,
     clear_evaluations,
     complete_result,
@@ -49,6 +45,7 @@ from bench.run_folder import (
 from bench.runtime import keep_freed_memory
 from bench.samples_file import write_samples
 from bench.storage import atomic_torch_save, atomic_write_text
+from bench.train_loop import RunLoop, batch_indices  # noqa: F401  (batch_indices: re-exported)
 from bench.variants import ensure_registered
 from implementations.core.estimators import Estimator
 from implementations.core.model import AIR
@@ -93,18 +90,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def batch_indices(seed: int, iteration: int, n: int, batch_size: int) -> torch.Tensor:
-    """Indices of the training batch at `iteration`: a fresh permutation per epoch.
-
-    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
-    """
-    per_epoch = max(n // batch_size, 1)
-    epoch, pos = divmod(iteration, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen) if n >= batch_size else torch.arange(n)
-    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
 def build(cfg: RunConfig, device: torch.device) -> tuple[AIR, Estimator, torch.optim.Optimizer]:
@@ -316,49 +301,9 @@ class Trainer:
         return not diverged and self.iteration < self.cfg.train.iterations
 
     def _loop(self, stop_after: int | None) -> None:
-        cfg, tc = self.cfg, self.cfg.train
-        end = (
-            tc.iterations if stop_after is None else min(tc.iterations, self.iteration + stop_after)
-        )
-        n_train = len(self.train_images)
-        running = self.running
-        since_ckpt = time.monotonic()
-        progress = ProgressFile(self.run_dir / PROGRESS, tc.iterations, self.iteration)
-        bar = tqdm(
-            total=tc.iterations, initial=self.iteration, disable=not tc.progress,
-            desc=f"train {Path(cfg.out_dir).name}", unit="it", dynamic_ncols=True,
-        )  # fmt: skip
-        self.model.train()
-        self.estimator.train()
-        with bar:
-            # Checked before every step, so a stop asked for during setup (or compilation,
-            # inside the first step) is honoured before the next one.
-            while self.iteration < end and not self.stop_requested:
-                t0 = time.perf_counter()
-                idx = batch_indices(cfg.seed, self.iteration, n_train, tc.batch_size)
-                x = to_float_images(self.train_images[idx], self.device)
-                loss_value, grad_norm, logs = self.step(x, self.prior_prob(self.iteration))
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    self._diverged(loss_value, grad_norm)
-                    break
-                self.iteration += 1
-                self.elapsed += time.perf_counter() - t0
-                self.accumulate(loss_value, logs)
-                bar.update(1)
-                progress.update(self.iteration, self.elapsed)
-                if self.iteration % tc.log_every == 0:
-                    bar.set_postfix(elbo=f"{float(logs.get('elbo', float('nan'))):.1f}")
-                if self.iteration % tc.eval_every == 0 or self.iteration == tc.iterations:
-                    self._record_evaluation(running)
-                    running.clear()
-                minutes = (time.monotonic() - since_ckpt) / 60
-                if self.iteration % tc.checkpoint_every == 0 or minutes >= tc.checkpoint_minutes:
-                    self.save_checkpoint()
-                    since_ckpt = time.monotonic()
-        # Also after a stop request: the checkpoint here makes the stop lossless.
-        if self.iteration % tc.checkpoint_every != 0 or self.status.get("diverged_at"):
-            self.save_checkpoint()
-        progress.update(self.iteration, self.elapsed, force=True)
+        """Train to the end, `stop_after` more iterations, a stop request or a divergence
+        (bench/train_loop.py: the loop's body, which bench.perf times)."""
+        RunLoop(self, stop_after).run()
 
     def step(self, x: torch.Tensor, prior_prob: float) -> tuple[float, float, dict[str, Any]]:
         """One optimisation step on batch `x`: (loss, gradient norm, logs).
@@ -427,9 +372,12 @@ class Trainer:
         )  # fmt: skip
         self.status["diverged_at"] = self.iteration
 
-    def _record_evaluation(self, running: dict[str, float]) -> None:
+    def _record_evaluation(self, running: dict[str, float], result: dict | None = None) -> None:
+        """Evaluate (or take `result`, the same evaluation computed elsewhere: a seed group's
+        vectorised one) and append the record to metrics.jsonl."""
         ev = self.cfg.eval
-        result = self.evaluate(self.cfg.train.eval_images, ev.periodic_iw_samples)
+        if result is None:
+            result = self.evaluate(self.cfg.train.eval_images, ev.periodic_iw_samples)
         n = max(running.get("n", 1.0), 1.0)
         record = {
             "iteration": self.iteration,

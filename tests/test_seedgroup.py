@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from bench import group_loop
 from bench.config import config_hash
+from bench.group_loop import GroupLoop
+from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup, train_group
 from bench.storage import read_json_lines
 from bench.trainer import Trainer, load_checkpoint
@@ -33,8 +38,24 @@ def _history(cfg) -> list[dict]:
 @pytest.mark.parametrize("variant_overrides", [["estimator.params.baseline_hidden=16"],
                                                ["model.presence=concrete",
                                                    "estimator.name=reparam",
-                                                   "train.grad_clip=1.0"]])  # fmt: skip
-def test_group_equals_separate_runs(tiny_config, variant_overrides: list[str]) -> None:
+                                                   "train.grad_clip=1.0",
+                                                   "eval.periodic_iw_samples=3"]])  # fmt: skip
+def test_group_equals_separate_runs(
+    tiny_config,
+    variant_overrides: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    evaluated = []
+    real_evaluate = group_loop.evaluate_seeds
+
+    def vectorised_evaluation(loop, js):  # noqa: ANN001, ANN202
+        evaluated.append(loop.it)
+        return real_evaluate(loop, js)
+
+    # The vectorised periodic evaluation (bench/group_eval.py), which CPUs skip by default.
+    monkeypatch.setattr(GroupLoop, "vector_eval_on_cpu", True)
+    monkeypatch.setattr(group_loop, "evaluate_seeds", vectorised_evaluation)
     seeds = [0, 1]
     alone = [tiny_config(f"seed={s}", *variant_overrides, out=f"alone{s}") for s in seeds]
     together = [tiny_config(f"seed={s}", *variant_overrides, out=f"group{s}") for s in seeds]
@@ -47,7 +68,10 @@ def test_group_equals_separate_runs(tiny_config, variant_overrides: list[str]) -
         assert [r["iteration"] for r in ha] == [r["iteration"] for r in hg]
         for ra, rg in zip(ha, hg, strict=True):
             _close(ra, rg)
+            assert ra["confusion"] == rg["confusion"]
         _close(a["final"], g["final"])
+    # The periodic evaluations above were the vectorised ones.
+    assert evaluated == [4, 8, 12] and "vectorised evaluation failed" not in caplog.text
     # Different seeds really differ: the group did not train one seed three times.
     assert results_group[0]["final"]["elbo"] != results_group[1]["final"]["elbo"]
 
@@ -83,13 +107,18 @@ def test_stop_request_checkpoints_then_resumes_to_the_same_numbers(
     if not vectorised:
         monkeypatch.setattr(SeedGroup, "_vectorisable", lambda self: False)
     group = SeedGroup(cfgs)
-    real_accumulate = Trainer.accumulate
+    real_accumulate, real_iteration = Trainer.accumulate, GroupLoop.iteration
 
     def signal_during_first_iteration(trainer, *args):  # noqa: ANN001, ANN002, ANN202
         group.stop_requested = True  # as StopOnSignal does, from the signal handler
         return real_accumulate(trainer, *args)
 
-    monkeypatch.setattr(Trainer, "accumulate", signal_during_first_iteration)
+    def signal_during_first_group_iteration(loop):  # noqa: ANN001, ANN202
+        group.stop_requested = True
+        return real_iteration(loop)
+
+    monkeypatch.setattr(Trainer, "accumulate", signal_during_first_iteration)  # seed after seed
+    monkeypatch.setattr(GroupLoop, "iteration", signal_during_first_group_iteration)
     results = group.run()
     assert [r["status"] for r in results] == ["partial", "partial"]
     stopped = [1, 1] if vectorised else [1, 0]  # the fallback stops before the next seed
@@ -105,12 +134,24 @@ def test_stop_request_checkpoints_then_resumes_to_the_same_numbers(
 def test_one_diverging_seed_does_not_stop_the_others(
     tiny_config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bench.seedgroup as seedgroup
-
+    """The divergence rule (bench/group_loop.py): a seed whose gradient norm is not finite at
+    iteration 5, between two sync points, is recorded diverged at 5 with the state after 5
+    iterations, as its separate run records it; the other seed is untouched."""
     seeds = [7, 8]
     reference = Trainer(tiny_config("seed=8", SMALL, out="ref8")).run()
+    alone_cfg = tiny_config("seed=7", SMALL, out="ref7")
+    alone = Trainer(alone_cfg)
+    real_trainer_clip = Trainer._clip
+
+    def nan_at_iteration_5(trainer):  # noqa: ANN001, ANN202
+        norm = real_trainer_clip(trainer)
+        return float("nan") if trainer.iteration == 5 else norm
+
+    monkeypatch.setattr(Trainer, "_clip", nan_at_iteration_5)
+    diverged_alone = alone.run()
+    monkeypatch.undo()
     cfgs = [tiny_config(f"seed={s}", SMALL, out=f"g{s}") for s in seeds]
-    real_clip, calls = seedgroup._clip_per_seed, []
+    real_clip, calls = group_loop._clip_per_seed, []
 
     def nan_for_the_first_seed_at_iteration_5(params, max_norm):  # noqa: ANN001, ANN202
         norms = real_clip(params, max_norm)
@@ -119,9 +160,105 @@ def test_one_diverging_seed_does_not_stop_the_others(
             norms[0] = float("nan")
         return norms
 
-    monkeypatch.setattr(seedgroup, "_clip_per_seed", nan_for_the_first_seed_at_iteration_5)
+    monkeypatch.setattr(group_loop, "_clip_per_seed", nan_for_the_first_seed_at_iteration_5)
     diverged, other = SeedGroup(cfgs).run()
     assert diverged["status"] == "complete" and diverged["outcome"] == "diverged"
     assert diverged["diverged_at"] == 5 and diverged["final"] is None
+    assert diverged["iterations"] == diverged_alone["iterations"] == 5
+    assert diverged_alone["diverged_at"] == 5
+    weights_group = load_final_model(Path(cfgs[0].out_dir))["model"]
+    weights_alone = load_final_model(Path(alone_cfg.out_dir))["model"]
+    for name, w in weights_alone.items():
+        torch.testing.assert_close(weights_group[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    history_group, history_alone = _history(cfgs[0]), _history(alone_cfg)
+    assert [r["iteration"] for r in history_group] == [4] == [r["iteration"] for r in history_alone]
+    _close(history_alone[0], history_group[0])
     assert other["outcome"] != "diverged" and other["iterations"] == 12
     _close(reference["final"], other["final"])
+
+
+def test_group_iterations_between_sync_points_never_read_the_device(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Losses, logs, gradient norms and divergence flags stay on the device: an iteration
+    that is not an evaluation or checkpoint reads no tensor back to the host."""
+    cfgs = [tiny_config(f"seed={s}", SMALL, "train.eval_every=6", "train.checkpoint_every=6",
+                        out=f"g{s}") for s in (0, 1)]  # fmt: skip
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name):  # noqa: ANN001, ANN002, ANN202
+            reads.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_iteration, real_sync = GroupLoop.iteration, GroupLoop.sync
+    per_iteration: list[tuple[int, bool, list[str]]] = []
+    synced: list[bool] = []
+
+    def sync(loop, *args):  # noqa: ANN001, ANN002, ANN202
+        synced.append(True)
+        return real_sync(loop, *args)
+
+    def iteration(loop):  # noqa: ANN001, ANN202
+        reads.clear()
+        synced.clear()
+        real_iteration(loop)
+        per_iteration.append((loop.it, bool(synced), list(reads)))
+
+    monkeypatch.setattr(GroupLoop, "iteration", iteration)
+    monkeypatch.setattr(GroupLoop, "sync", sync)
+    SeedGroup(cfgs).run()
+    assert [it for it, was_synced, _ in per_iteration if was_synced] == [6, 12]
+    quiet = [(it, r) for it, was_synced, r in per_iteration[1:] if not was_synced]
+    assert len(quiet) == 9 and all(r == [] for _, r in quiet), quiet
+    assert all(r for _, was_synced, r in per_iteration if was_synced)  # the spy does see reads
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (c++, g++ or clang++); none on PATH",
+)
+def test_compiled_group_equals_eager_group(tiny_config) -> None:
+    """train.compile=true compiles the group's vectorised loss: the same numbers as eager to
+    float tolerance, and no recompilation as an annealed prior moves."""
+    from torch._dynamo.utils import counters
+
+    histories, graphs = {}, {}
+    for flag in ("false", "true"):
+        cfgs = [tiny_config(f"seed={s}", SMALL, f"train.compile={flag}", "train.iterations=8",
+                            "prior.kind=annealed", "prior.anneal_iters=8", out=f"{flag}{s}")
+                for s in (0, 1)]  # fmt: skip
+        counters.clear()
+        results = SeedGroup(cfgs).run()
+        graphs[flag] = dict(counters["stats"])
+        assert all(r["status"] == "complete" for r in results)
+        histories[flag] = [_history(c) for c in cfgs]
+    assert graphs["true"]["unique_graphs"] == 1, graphs  # compiled once, for every prior
+    for eager, compiled in zip(histories["false"], histories["true"], strict=True):
+        assert [r["iteration"] for r in eager] == [r["iteration"] for r in compiled] == [4, 8]
+        for re, rc in zip(eager, compiled, strict=True):
+            assert rc["train_loss"] == pytest.approx(re["train_loss"], rel=1e-4)
+            assert rc["train_elbo"] == pytest.approx(re["train_elbo"], rel=1e-4)
+
+
+def test_stop_requested_during_an_evaluation_still_checkpoints_every_seed(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that arrives while the group evaluates (a sync point without a checkpoint) is
+    still lossless: every seed is saved at that iteration."""
+    cfgs = [tiny_config(f"seed={s}", SMALL, "train.checkpoint_every=1000", out=f"g{s}")
+            for s in (0, 1)]  # fmt: skip
+    group = SeedGroup(cfgs)
+    real = Trainer._record_evaluation
+
+    def stop_while_evaluating(trainer, *args):  # noqa: ANN001, ANN002, ANN202
+        group.stop_requested = True
+        return real(trainer, *args)
+
+    monkeypatch.setattr(Trainer, "_record_evaluation", stop_while_evaluating)
+    assert [r["status"] for r in group.run()] == ["partial", "partial"]
+    for cfg in cfgs:
+        assert load_checkpoint(Path(cfg.out_dir), config_hash(cfg))["iteration"] == 4

@@ -1,0 +1,328 @@
+"""The seed-group training loop: S seeds' iterations as device work, the host told only at
+evaluations, checkpoints and stops.
+
+Per iteration (`GroupLoop.iteration`, which `bench.perf` times as it runs): every seed's batch
+is gathered in one op from the training images, uploaded once as uint8 (the order of each seed
+is `batch_indices`'s, taken an epoch at a time from `epoch_batches`); the loss of all seeds runs
+under vmap; each seed's gradient is clipped by its own norm; one Adam per seed steps on its
+slice of the stacked tensors (torch's fused kernel, skipped on the device for a seed that has
+diverged); losses and logs are summed per seed on the device. Nothing is read back to the host
+until a sync point (an evaluation, a checkpoint, a stop, the end). At an evaluation the seeds'
+periodic evaluation runs vectorised too (bench/group_eval.py; on accelerators: see
+`vector_eval`). With `train.compile=true` the
+vectorised loss (and its backward) is compiled, as a single run's loss is; clipping and the
+per-seed Adam stay eager. CUDA graph capture of the whole step is not done (no GPU was lent).
+
+**Divergence rule.** A seed whose loss or gradient norm is not finite at iteration k is frozen
+on the device from k on: its step k and every later one are skipped (parameters, Adam moments
+and step count stay as they were after k iterations), and its logs from k on are not summed.
+At the next sync point it is recorded `diverged_at = k` with `iteration = k`, checkpointed with
+that frozen state, and trained no further: what its separate run records (which stops at k with
+the step skipped). Its random-number state in that checkpoint is not its separate run's (the
+group drew its noise until the sync point), which does not matter: a diverged run never trains
+again. The other seeds are untouched by it; when every seed has diverged, the group stops at the
+next sync point.
+
+The noise is still each seed's own torch stream, swapped in per seed (host work per seed and
+iteration; see the report of issue 12 for the counter-based design that removes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.func import vmap
+from torch.optim.adam import adam
+
+from bench.group_eval import evaluate_seeds
+from bench.progress import ProgressFile
+from bench.run_folder import PROGRESS
+from bench.train_loop import batches_per_epoch, epoch_batches
+
+if TYPE_CHECKING:
+    from bench.seedgroup import SeedGroup
+
+log = logging.getLogger(__name__)
+
+
+class SeedAdam:
+    """S independent Adams over tensors stacked along a leading seed axis.
+
+    Each seed's update is torch's fused Adam kernel on its own slice, with its own step count,
+    so a seed's numbers are those of `torch.optim.Adam(fused=True)` on its separate run; a seed
+    is skipped by a flag read on the device (`found_inf`), so skipping needs no host sync.
+    `state[p]` holds `exp_avg`, `exp_avg_sq` (stacked) and `step` (S,), per parameter `p`.
+    """
+
+    def __init__(self, groups: list[dict], n_seeds: int) -> None:
+        defaults = torch.optim.Adam(groups, fused=True).param_groups  # torch's defaults filled
+        self.param_groups = defaults
+        self.n_seeds = n_seeds
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {
+                    "step": torch.zeros(n_seeds, dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, skip: torch.Tensor) -> None:
+        """One Adam step per seed; `skip` (S,) float: 1.0 leaves that seed untouched."""
+        for group in self.param_groups:
+            live = [p for p in group["params"] if p.grad is not None]
+            if not live:
+                continue
+            states = [self.state[p] for p in live]
+            per_seed = [
+                [t.unbind(0) for t in (p.detach() for p in live)],
+                [p.grad.unbind(0) for p in live],
+                [s["exp_avg"].unbind(0) for s in states],
+                [s["exp_avg_sq"].unbind(0) for s in states],
+                [s["step"].unbind(0) for s in states],
+            ]
+            beta1, beta2 = group["betas"]
+            for j in range(self.n_seeds):
+                params, grads, avgs, sqs, steps = ([t[j] for t in ts] for ts in per_seed)
+                adam(params, grads, avgs, sqs, [], steps, fused=True, found_inf=skip[j],
+                     amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"])  # fmt: skip
+
+
+def _clip_per_seed(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip each seed's gradient by its own global norm, as clip_grad_norm_ does per run."""
+    grads = [p.grad for p in params if p.grad is not None]
+    per_tensor = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (n_tensors, S)
+    norms = per_tensor.norm(dim=0)
+    if max_norm:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+    return norms
+
+
+class GroupLoop:
+    """The vectorised loop of seeds `members` of `group`, all at the same iteration."""
+
+    vector_eval_on_cpu = False
+
+    def __init__(self, group: SeedGroup, members: list[int]) -> None:
+        self.group = group
+        self.members = members
+        self.trainers = [group.trainers[i] for i in members]
+        self.device = group.device
+        self.tc = group.cfg.train
+        self.template = group._template()
+        self.params, self.buffers = group._stack(members, self.template)
+        self.optimiser = group._optimiser(self.template, self.params, self.trainers)
+        self.loss_fn = vmap(group._functional(self.template), in_dims=(0, 0, 0, 0, None))
+        self.compiled: Any = None  # train.compile: the compiled loss, once it has compiled
+        self.compile_failed = any("compile_failed" in t.status for t in self.trainers)
+        first = self.trainers[0]
+        self.images = first.train_images.to(self.device)  # uint8, uploaded once
+        self.seeds = [t.cfg.seed for t in self.trainers]
+        self.it = first.iteration
+        self.requests: list[int] | None = None
+        self._epoch: tuple[int, torch.Tensor] | None = None
+        s = len(members)
+        self.active = np.ones(s, dtype=bool)  # host: seeds not yet recorded as diverged
+        self.bad_at = torch.full((s,), -1, dtype=torch.long, device=self.device)
+        self.bad_values = torch.zeros(2, s, device=self.device)  # loss, grad norm when it did
+        self.sums: torch.Tensor | None = None  # (1 + logs, S) float64: loss and logs summed
+        self.counts = torch.zeros(s, dtype=torch.float64, device=self.device)
+        self.log_keys: list[str] = []
+        self.segment_start = time.perf_counter()  # host clock since the last sync point
+        self.segment_first = self.it
+        self.marks: list[float] = []  # host clock at the start of each iteration since then
+        self.since_ckpt = time.monotonic()
+        self.progress = [
+            ProgressFile(t.run_dir / PROGRESS, self.tc.iterations, t.iteration)
+            for t in self.trainers
+        ]
+        self.done = False
+        # The periodic evaluation vectorised over the seeds: on accelerators. On a 2-core CPU it
+        # was slower than each seed's own (sparse) evaluation: 4 seeds x 500 images, 1.5-1.9 s
+        # against 1.3-1.4 s, so CPUs keep the per-seed one unless this is set (tests do).
+        self.vector_eval = self.device.type != "cpu" or self.vector_eval_on_cpu
+        log.info("training seeds %s together from iteration %d", self.seeds, self.it)
+
+    # ------------------------------------------------------------------ the loop
+    def more(self) -> bool:
+        return not self.done and self.it < self.tc.iterations
+
+    def run(self) -> None:
+        while self.more():
+            self.iteration()
+
+    def batch(self, iteration: int) -> torch.Tensor:
+        """(S, B, H, W) float images of every seed's batch at `iteration`: one gather."""
+        n = len(self.images)
+        epoch, pos = divmod(iteration, batches_per_epoch(n, self.tc.batch_size))
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = epoch_batches(self.seeds, epoch, n, self.tc.batch_size, self.device)
+            self._epoch = (epoch, order)
+        return self.images[self._epoch[1][:, pos]].to(torch.float32) / 255.0
+
+    def iteration(self) -> None:
+        """One iteration of every seed, then the sync point if one is due."""
+        group, it = self.group, self.it
+        self.marks.append(time.perf_counter())
+        x = self.batch(it)
+        if self.requests is None:
+            self.requests = group._noise_requests(self.template, x[0])
+        noises = [group._draw_for(i, self.template, self.requests) for i in self.members]
+        prior = self.trainers[0].prior_prob(it)
+        losses, logs = self._loss(x, _stack_noises(noises), prior)
+        self.optimiser.zero_grad()
+        losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+        norms = _clip_per_seed(list(self.params.values()), self.tc.grad_clip)
+        loss_values = losses.detach()
+        bad = ~(torch.isfinite(loss_values) & torch.isfinite(norms))
+        newly = bad & (self.bad_at < 0)
+        self.bad_at = torch.where(newly, it, self.bad_at)
+        self.bad_values = torch.where(newly, torch.stack([loss_values, norms]), self.bad_values)
+        frozen = self.bad_at >= 0
+        self.optimiser.step(frozen.to(torch.float32))
+        self._add_logs(loss_values, logs, ~frozen)
+        self.it = it + 1
+        self._progress()
+        self._maybe_sync()
+
+    def _loss(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple:
+        """Every seed's (loss, logs): vmap of the loss, compiled with `train.compile` (as a
+        single run's is; if compilation fails the group says why and stays eager)."""
+        if not self.tc.compile or self.compile_failed:
+            return self.loss_fn(self.params, self.buffers, x, noises, prior)
+        # The prior as a tensor: a float would be baked into the graph (one recompile per
+        # value of an annealed prior).
+        prior_t = torch.tensor(prior, device=self.device)
+        if self.compiled is not None:
+            return self.compiled(self.params, self.buffers, x, noises, prior_t)
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        compiled = torch.compile(self.loss_fn, options=options)
+        try:  # the first call compiles
+            out = compiled(self.params, self.buffers, x, noises, prior_t)
+        except Exception as err:  # torch raises many types from its compiler stack
+            log.warning("seeds %s: train.compile failed (%s: %s); training eagerly instead",
+                        self.seeds, type(err).__name__, str(err).splitlines()[0] if str(err)
+                        else "")  # fmt: skip
+            for trainer in self.trainers:
+                trainer.status["compile_failed"] = f"{type(err).__name__}: {err}"[:2000]
+            self.compile_failed = True
+            return self.loss_fn(self.params, self.buffers, x, noises, prior)
+        self.compiled = compiled
+        return out
+
+    def _add_logs(self, loss: torch.Tensor, logs: dict, live: torch.Tensor) -> None:
+        if self.sums is None:
+            self.log_keys = ["loss", *logs]
+            self.sums = torch.zeros(len(self.log_keys), len(self.members), dtype=torch.float64,
+                                    device=self.device)  # fmt: skip
+        values = torch.stack([loss, *(logs[k].detach() for k in self.log_keys[1:])])
+        self.sums += torch.where(live, values.to(torch.float64), 0.0)
+        self.counts += live
+
+    def _progress(self) -> None:
+        ahead = time.perf_counter() - self.segment_start
+        for j, (trainer, progress) in enumerate(zip(self.trainers, self.progress, strict=True)):
+            if self.active[j]:
+                progress.update(self.it, trainer.elapsed + ahead)
+
+    # ------------------------------------------------------------------ sync points
+    def _maybe_sync(self) -> None:
+        tc, it = self.tc, self.it
+        evaluate = it % tc.eval_every == 0 or it == tc.iterations
+        minutes = (time.monotonic() - self.since_ckpt) / 60
+        checkpoint = it % tc.checkpoint_every == 0 or minutes >= tc.checkpoint_minutes
+        # After a stop request every seed is saved where it stopped: a lossless stop.
+        checkpoint = checkpoint or it == tc.iterations or self.group.stop_requested
+        if evaluate or checkpoint:
+            self.sync(evaluate, checkpoint)
+        if self.group.stop_requested and not checkpoint:  # asked for during that evaluation
+            self.sync(False, True)
+        if self.group.stop_requested or not self.active.any():
+            self.done = True
+
+    def _evaluate(self, live: list[int]) -> dict[int, dict]:
+        """The periodic evaluation of seeds `live`, vectorised (bench/group_eval.py); {} (each
+        trainer evaluates itself) if that cannot run, as for an estimator vmap refuses."""
+        if not self.vector_eval:
+            return {}
+        try:
+            return dict(zip(live, evaluate_seeds(self, live), strict=True))
+        except Exception as err:  # vmap raises several types for unsupported code
+            log.warning("seeds %s: the vectorised evaluation failed (%s: %s); each seed is "
+                        "evaluated on its own from now on", self.seeds, type(err).__name__,
+                        err)  # fmt: skip
+            self.vector_eval = False
+            return {}
+
+    def sync(self, evaluate: bool, checkpoint: bool) -> None:
+        """Read the device's flags and sums, bring each seed's trainer up to date, then
+        evaluate and checkpoint the seeds still training."""
+        bad_at = self.bad_at.tolist()  # waits for the device: the loop's one sync
+        now = time.perf_counter()
+        bad_values = self.bad_values.tolist()
+        sums = self.sums.tolist() if self.sums is not None else []
+        counts = self.counts.tolist()
+        live = []
+        for j, trainer in enumerate(self.trainers):
+            if not self.active[j]:
+                continue
+            if bad_at[j] >= 0:
+                k = bad_at[j]
+                trainer.elapsed += self.marks[k - self.segment_first] - self.segment_start
+            else:
+                k = self.it
+                trainer.elapsed += now - self.segment_start
+            trainer.iteration = k
+            running = trainer.running
+            for key, column in zip(self.log_keys, sums, strict=True):
+                running[key] = running.get(key, 0.0) + column[j]
+            if counts[j]:
+                running["n"] = running.get("n", 0.0) + counts[j]
+            self.group._sync(j, self.members, self.params, self.buffers, self.optimiser,
+                             self.template)  # fmt: skip
+            if bad_at[j] >= 0:
+                trainer._diverged(bad_values[0][j], bad_values[1][j])
+                trainer.save_checkpoint(rng=self.group.rng[self.members[j]])
+                self.progress[j].update(k, trainer.elapsed, force=True)
+                self.active[j] = False
+            else:
+                live.append(j)
+        results = self._evaluate(live) if evaluate and live else {}
+        for j in live:
+            trainer = self.trainers[j]
+            if evaluate:
+                trainer._record_evaluation(trainer.running, results.get(j))
+                trainer.running.clear()
+            if checkpoint:
+                trainer.save_checkpoint(rng=self.group.rng[self.members[j]])
+            self.progress[j].update(self.it, trainer.elapsed, force=True)
+        if self.sums is not None:
+            self.sums.zero_()
+        self.counts.zero_()
+        if checkpoint:
+            self.since_ckpt = time.monotonic()
+        self.marks.clear()
+        self.segment_first = self.it
+        self.segment_start = time.perf_counter()
+
+
+def _stack_noises(noises: list[list[tuple]]) -> list[tuple]:
+    """Per seed [draw][tensor] -> per draw, tensors stacked along the seed axis."""
+    return [
+        tuple(torch.stack([seed[d][k] for seed in noises]) for k in range(3))
+        for d in range(len(noises[0]))
+    ]
