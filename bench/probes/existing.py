@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.config import ConfigError, config_hash, load_config, to_dict
 from bench.grid import load_experiment
 from bench.probes.stage import finished_run, training_config
+from bench.run_folder import CONFIG
 
 
 def probe_task(run: Path, overrides: list[str]) -> dict:
@@ -34,7 +35,7 @@ def probe_task(run: Path, overrides: list[str]) -> dict:
     experiment, variant, recorded = run.parents[2].name, run.parents[1].name, run.parent.name
     probe = {"probe": {**load_experiment("representation").config["probe"],
                        "reuse_experiment": experiment}}  # fmt: skip
-    cfg = load_config([run / "config.yaml", ("representation.yaml: probe", probe)], overrides)
+    cfg = load_config([run / CONFIG, ("representation.yaml: probe", probe)], overrides)
     if not cfg.probe.budgets:
         raise ConfigError("probe.budgets: expected at least one budget")
     root = run.parents[3]

@@ -39,7 +39,7 @@ from bench.data.registry import get_dataset
 from bench.probes import suite
 from bench.probes.features import air_latents
 from bench.probes.learners import FitSettings
-from bench.run_folder import read_result
+from bench.run_folder import CONFIG, METRICS, MODEL_FILE, PROGRESS, SAMPLES_FILE, read_result
 from bench.storage import atomic_write_json, atomic_write_text
 from bench.trainer import load_datasets
 from implementations.core.priors import prior_prob_at
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_DIR = "training"
 PROBES_FILE = "probes.json"
-LINKED = ("model.pt", "samples.npz", "metrics.jsonl")
+LINKED = (MODEL_FILE, SAMPLES_FILE, METRICS)
 
 
 def training_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -70,7 +70,7 @@ def finished_run(folder: Path, expected_hash: str) -> dict[str, Any] | None:
         record is not None
         and record.get("status") == "complete"
         and record.get("config_hash") == expected_hash
-        and (folder / "model.pt").is_file()
+        and (folder / MODEL_FILE).is_file()
     ):
         return record
     return None
@@ -95,7 +95,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        if source.name == "metrics.jsonl":
+        if source.name == METRICS:
             raise OSError("appended to in place: copied")
         os.link(source, tmp)
     except OSError:
@@ -126,7 +126,7 @@ def run_probe_task(
         source = run_dir / TRAINING_DIR
         training = finished_run(source, thash)
         if training is None:
-            for name in ("progress.json", "metrics.jsonl"):  # where the console's bars look
+            for name in (PROGRESS, METRICS):  # where the console's bars look
                 link = run_dir / name
                 if not link.exists() and not link.is_symlink():
                     link.symlink_to(Path(TRAINING_DIR) / name)
@@ -138,7 +138,7 @@ def run_probe_task(
         if (source / name).is_file():
             link_or_copy(source / name, run_dir / name)
     own = dataclasses.replace(cfg, out_dir=str(run_dir))
-    atomic_write_text(run_dir / "config.yaml", to_yaml(own))
+    atomic_write_text(run_dir / CONFIG, to_yaml(own))
     probes = probe_model(cfg, source, run_dir, training)
     atomic_write_json(run_dir / PROBES_FILE, probes)
     final = training.get("final")

@@ -345,9 +345,6 @@ class AIR(nn.Module):
             if not cfg.where_scale_relative:
                 head.bias[4:7] = math.log(math.expm1(cfg.where_scale_init))
             self.decoder[-1].bias.fill_(cfg.decoder_bias)
-        # Noise for the next forward passes, in call order: lets a caller (the seed-vectorised
-        # trainer) supply each seed's own random numbers; empty means "draw from the RNG".
-        self.noise_queue: list[Noise] = []
         self.register_buffer("where_prior_loc", torch.tensor(cfg.where_prior_loc))
         self.register_buffer("where_prior_scale", torch.tensor(cfg.where_prior_scale))
 
@@ -388,8 +385,7 @@ class AIR(nn.Module):
         version in tests/plain_air.py, which tests/test_speed_equivalence.py checks it against.
         """
         if sample and noise is None:
-            queued = self.noise_queue.pop(0) if self.noise_queue else None
-            noise = queued or self.draw_noise(x.shape[0], x.device, x.dtype)
+            noise = self.draw_noise(x.shape[0], x.device, x.dtype)
         flat = self.flat_images(x)
         steps = self._infer(x, flat, noise if sample else None)
         trace = self._score(x, steps, prior_prob)
