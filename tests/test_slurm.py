@@ -34,7 +34,10 @@ LONGER = ["train.iterations=150", "train.eval_every=20", "train.checkpoint_every
 
 
 def _job_names() -> list[str]:
-    """Every job this cluster has accounted for, by name (sacct sees finished ones too)."""
+    """Every submission this cluster has accounted for (sacct sees finished ones too), as
+    "<job id>|<name>" with array task suffixes dropped: an array's tasks start, are requeued and
+    finish while a test looks (its entries in sacct/squeue change then), but a new submission
+    always brings a new job id."""
     out = subprocess.run(
         [
             "sacct",
@@ -54,7 +57,8 @@ def _job_names() -> list[str]:
         text=True,
         check=True,
     )
-    return sorted(set(out.stdout.split()) | set(queued.stdout.split()))
+    entries = set(out.stdout.split()) | set(queued.stdout.split())
+    return sorted({f"{e.split('|')[0].split('_')[0]}|{e.split('|', 1)[-1]}" for e in entries})
 
 
 def _run_all_on_slurm(tmp_path: Path, *args: str) -> list[str]:
