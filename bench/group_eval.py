@@ -101,7 +101,7 @@ def _plan(n: int, batch_size: int, relaxed: bool, k: int, n_iw: int) -> list[tup
 
 
 def evaluate_seeds(loop: GroupLoop, js: list[int]) -> list[dict]:
-    """The periodic evaluation (`Trainer._record_evaluation`'s) of the loop's seeds `js`,
+    """The periodic evaluation (`Trainer.record_evaluation`'s) of the loop's seeds `js`,
     whose trainers are at the loop's iteration: one vectorised pass per pass of `evaluate`."""
     trainers: list[Trainer] = [loop.trainers[j] for j in js]
     first = trainers[0]

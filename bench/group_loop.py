@@ -123,10 +123,10 @@ class GroupLoop:
         self.trainers = [group.trainers[i] for i in members]
         self.device = group.device
         self.tc = group.cfg.train
-        self.template = group._template()
-        self.params, self.buffers = group._stack(members, self.template)
-        self.optimiser = group._optimiser(self.template, self.params, self.trainers)
-        self.loss_fn = vmap(group._functional(self.template), in_dims=(0, 0, 0, 0, None))
+        self.template = group.loss_template()
+        self.params, self.buffers = group.stack_members(members, self.template)
+        self.optimiser = group.stacked_optimiser(self.template, self.params, self.trainers)
+        self.loss_fn = vmap(group.functional_loss(self.template), in_dims=(0, 0, 0, 0, None))
         self.compiled: Any = None  # train.compile: the compiled loss, once it has compiled
         self.compile_failed = any("compile_failed" in t.status for t in self.trainers)
         first = self.trainers[0]
@@ -180,8 +180,8 @@ class GroupLoop:
         self.marks.append(time.perf_counter())
         x = self.batch(it)
         if self.requests is None:
-            self.requests = group._noise_requests(self.template, x[0])
-        noises = [group._draw_for(i, self.template, self.requests) for i in self.members]
+            self.requests = group.noise_requests(self.template, x[0])
+        noises = [group.draw_for(i, self.template, self.requests) for i in self.members]
         prior = self.trainers[0].prior_prob(it)
         losses, logs = self._loss(x, _stack_noises(noises), prior)
         self.optimiser.zero_grad()
@@ -292,10 +292,10 @@ class GroupLoop:
                 running[key] = running.get(key, 0.0) + column[j]
             if counts[j]:
                 running["n"] = running.get("n", 0.0) + counts[j]
-            self.group._sync(j, self.members, self.params, self.buffers, self.optimiser,
+            self.group.sync_seed(j, self.members, self.params, self.buffers, self.optimiser,
                              self.template)  # fmt: skip
             if bad_at[j] >= 0:
-                trainer._diverged(bad_values[0][j], bad_values[1][j])
+                trainer.mark_diverged(bad_values[0][j], bad_values[1][j])
                 trainer.save_checkpoint(rng=self.group.rng[self.members[j]])
                 self.progress[j].update(k, trainer.elapsed, force=True)
                 self.active[j] = False
@@ -305,7 +305,7 @@ class GroupLoop:
         for j in live:
             trainer = self.trainers[j]
             if evaluate:
-                trainer._record_evaluation(trainer.running, results.get(j))
+                trainer.record_evaluation(trainer.running, results.get(j))
                 trainer.running.clear()
             if checkpoint:
                 trainer.save_checkpoint(rng=self.group.rng[self.members[j]])

@@ -33,7 +33,8 @@ from torch.func import functional_call, vmap
 
 from bench.config import RunConfig, config_hash
 from bench.group_loop import GroupLoop, SeedAdam, _stack_noises
-from bench.trainer import Datasets, Trainer, _rng_state, _set_rng_state, load_datasets
+from bench.train_setup import rng_state, set_rng_state
+from bench.trainer import Datasets, Trainer, load_datasets
 from implementations.core.model import AIR, Noise
 from implementations.registry import build_estimator
 
@@ -89,7 +90,7 @@ class SeedGroup:
             trainer = Trainer(cfg, data=self.data)  # builds and initialises from cfg.seed
             trainer.prepare()  # restores its checkpoint (and its RNG states) if it has one
             self.trainers.append(trainer)
-            self.rng.append(_rng_state(self.device))
+            self.rng.append(rng_state(self.device))
 
     # ------------------------------------------------------------------ public
     @property
@@ -101,7 +102,7 @@ class SeedGroup:
         """Set from outside (a scheduler's timeout signal), as `Trainer.stop_requested`: every
         seed checkpoints after the current iteration and `run` returns partial records."""
         self._stop_requested = value
-        for trainer in self.trainers:  # the seed-after-seed fallback runs Trainer._loop
+        for trainer in self.trainers:  # the seed-after-seed fallback runs Trainer.loop
             trainer.stop_requested = value
 
     def run(self) -> list[dict[str, Any]]:
@@ -135,10 +136,10 @@ class SeedGroup:
     # ------------------------------------------------------------------ strategies
     def _train_alone(self, i: int) -> None:
         trainer = self.trainers[i]
-        _set_rng_state(self.rng[i], self.device)
-        trainer._loop(None)
+        set_rng_state(self.rng[i], self.device)
+        trainer.loop(None)
 
-    def _template(self) -> _LossModule:
+    def loss_template(self) -> _LossModule:
         """A model and estimator of the group's config, used as the functional skeleton."""
         cfg = self.cfg
         model_cfg = type(cfg.model)(**{**vars(cfg.model), "sparse_images": False})  # no CSR in vmap
@@ -149,15 +150,15 @@ class SeedGroup:
 
     def _vectorisable(self) -> bool:
         """Dry run of the vectorised loss on two copies of seed 0; False if vmap refuses it."""
-        template = self._template()
-        params, buffers = self._stack([0, 0], template)
+        template = self.loss_template()
+        params, buffers = self.stack_members([0, 0], template)
         x = torch.zeros(2, 2, self.cfg.model.canvas, self.cfg.model.canvas, device=self.device)
         try:
             with torch.random.fork_rng(devices=[]):
-                requests = self._noise_requests(template, x[0])
+                requests = self.noise_requests(template, x[0])
                 noises = [self._draw(template, requests) for _ in range(2)]
                 stacked = _stack_noises(noises)
-                loss = vmap(self._functional(template), in_dims=(0, 0, 0, 0, None))
+                loss = vmap(self.functional_loss(template), in_dims=(0, 0, 0, 0, None))
                 loss(params, buffers, x, stacked, 0.5)
         except Exception as err:  # vmap raises several types for unsupported code
             log.warning(
@@ -171,13 +172,13 @@ class SeedGroup:
         GroupLoop(self, members).run()
 
     # ------------------------------------------------------------------ helpers
-    def _functional(self, template: _LossModule):  # noqa: ANN202
+    def functional_loss(self, template: _LossModule):  # noqa: ANN202
         def loss(params, buffers, x, noises, prior):  # noqa: ANN001, ANN202
             return functional_call(template, (params, buffers), (x, noises, prior))
 
         return loss
 
-    def _noise_requests(self, template: _LossModule, x: torch.Tensor) -> list[int]:
+    def noise_requests(self, template: _LossModule, x: torch.Tensor) -> list[int]:
         """Batch sizes of the noise draws one loss evaluation makes, in order (dry run)."""
         requests: list[int] = []
         model = template.model
@@ -203,7 +204,7 @@ class SeedGroup:
         draws = [AIR.draw_noise(template.model, b, self.device, dtype) for b in requests]
         return [(n.pres, n.where, n.what) for n in draws]
 
-    def _draw_for(self, i: int, template: _LossModule, requests: list[int]) -> list[tuple]:
+    def draw_for(self, i: int, template: _LossModule, requests: list[int]) -> list[tuple]:
         """Seed i's noise, from its own torch stream (the only generator the draws use)."""
         state = self.rng[i]
         torch.set_rng_state(state["torch"])
@@ -218,7 +219,7 @@ class SeedGroup:
     def _named_modules(self, trainer: Trainer) -> _LossModule:
         return _LossModule(trainer.model, trainer.estimator)
 
-    def _stack(self, members: list[int], template: _LossModule) -> tuple[dict, dict]:
+    def stack_members(self, members: list[int], template: _LossModule) -> tuple[dict, dict]:
         """Each named parameter and buffer of the members, stacked along a new seed axis."""
         modules = [self._named_modules(self.trainers[i]) for i in members]
         params = {
@@ -233,7 +234,7 @@ class SeedGroup:
         }
         return params, buffers
 
-    def _optimiser(
+    def stacked_optimiser(
         self, template: _LossModule, params: dict[str, torch.Tensor], trainers: list[Trainer]
     ) -> SeedAdam:
         """One Adam per seed over the stacked tensors, groups and state taken from the seeds'."""
@@ -254,7 +255,7 @@ class SeedGroup:
                 state["step"].copy_(torch.stack([s["step"].reshape(()) for s in per_seed]))
         return optimiser
 
-    def _sync(
+    def sync_seed(
         self, j: int, members: list[int], params: dict, buffers: dict,
         optimiser: SeedAdam, template: _LossModule,
     ) -> None:  # fmt: skip

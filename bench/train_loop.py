@@ -1,7 +1,7 @@
 """A single run's training loop, one iteration per call, and the data order every loop shares.
 
-`RunLoop.iteration` is the whole body of `Trainer._loop` (batch, step, divergence check,
-bookkeeping, progress, and the evaluation and checkpoint when they are due); `Trainer._loop`
+`RunLoop.iteration` is the whole body of `Trainer.loop` (batch, step, divergence check,
+bookkeeping, progress, and the evaluation and checkpoint when they are due); `Trainer.loop`
 calls it until the run ends, and `bench.perf` times the same function, so the figure it prints
 is what a run costs per iteration, optimiser and bookkeeping included.
 
@@ -60,7 +60,7 @@ def epoch_batches(
 
 
 class RunLoop:
-    """`Trainer._loop`, one iteration at a time (`iteration`), from the trainer's iteration to
+    """`Trainer.loop`, one iteration at a time (`iteration`), from the trainer's iteration to
     `train.iterations` (or `stop_after` more)."""
 
     def __init__(self, trainer: Trainer, stop_after: int | None = None) -> None:
@@ -86,14 +86,14 @@ class RunLoop:
         return not self.diverged and t.iteration < self.end and not t.stop_requested
 
     def iteration(self) -> None:
-        """One iteration of the run: everything `Trainer._loop` does per iteration."""
+        """One iteration of the run: everything `Trainer.loop` does per iteration."""
         t, cfg, tc = self.trainer, self.trainer.cfg, self.trainer.cfg.train
         t0 = time.perf_counter()
         idx = batch_indices(cfg.seed, t.iteration, len(t.train_images), tc.batch_size)
         x = to_float_images(t.train_images[idx], t.device)
         loss_value, grad_norm, logs = t.step(x, t.prior_prob(t.iteration))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            t._diverged(loss_value, grad_norm)
+            t.mark_diverged(loss_value, grad_norm)
             self.diverged = True
             return
         t.iteration += 1
@@ -104,7 +104,7 @@ class RunLoop:
         if t.iteration % tc.log_every == 0:
             self.bar.set_postfix(elbo=f"{float(logs.get('elbo', float('nan'))):.1f}")
         if t.iteration % tc.eval_every == 0 or t.iteration == tc.iterations:
-            t._record_evaluation(t.running)
+            t.record_evaluation(t.running)
             t.running.clear()
         minutes = (time.monotonic() - self.since_ckpt) / 60
         if t.iteration % tc.checkpoint_every == 0 or minutes >= tc.checkpoint_minutes:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import metrics
@@ -46,17 +43,19 @@ from bench.runtime import keep_freed_memory
 from bench.samples_file import write_samples
 from bench.storage import atomic_torch_save, atomic_write_text
 from bench.train_loop import RunLoop, batch_indices  # noqa: F401  (batch_indices: re-exported)
-from bench.variants import ensure_registered
-from implementations.core.estimators import Estimator
-from implementations.core.model import AIR
+from bench.train_setup import (  # noqa: F401  (build, seed_everything, compile_loss: re-exported)
+    CheckpointError,
+    build,
+    compile_loss,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from implementations.core.priors import prior_prob_at
-from implementations.registry import build_estimator
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not belong to this run."""
 
 
 @dataclass
@@ -86,111 +85,13 @@ def load_datasets(cfg: RunConfig) -> Datasets:
     return Datasets(train=train, test=test)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build(cfg: RunConfig, device: torch.device) -> tuple[AIR, Estimator, torch.optim.Optimizer]:
-    """Model, estimator and optimiser, initialised from the run seed."""
-    ensure_registered(cfg.estimator.name)
-    seed_everything(cfg.seed)
-    model = AIR(cfg.model).to(device)
-    estimator = build_estimator(cfg.estimator, model).to(device)
-    groups = [{"params": list(model.parameters()), "lr": cfg.train.lr, "name": "model"}]
-    groups += estimator.param_groups(cfg.train.lr)
-    # The fused kernel updates the ~5M parameters (mostly the two 2500 x 1024 image projections)
-    # in one pass: about 3x faster than the foreach path on CPU.
-    optimiser = torch.optim.Adam(groups, fused=True)
-    return model, estimator, optimiser
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def load_checkpoint(run_dir: Path, expected_hash: str | None) -> dict[str, Any] | None:
-    """The newest readable checkpoint of a run folder, or None if it has none.
-
-    A corrupt latest checkpoint falls back to the previous one (kept for this reason) with a
-    warning; if neither can be read, a CheckpointError names both files.
-    """
-    tried = []
-    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-        path = run_dir / name
-        if not path.exists():
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(ckpt, dict) or "iteration" not in ckpt:
-                raise ValueError("not an air-repro checkpoint (no 'iteration' entry)")
-        except Exception as err:  # torch raises several types for truncated files
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, err)
-            tried.append(f"{path}: {err}")
-            continue
-        if expected_hash is not None and ckpt.get("config_hash") != expected_hash:
-            raise CheckpointError(
-                f"{path} was written by a run with config hash {ckpt.get('config_hash')}, "
-                f"but this config hashes to {expected_hash}; use another out_dir or delete it"
-            )
-        return ckpt
-    if tried:
-        raise CheckpointError("no readable checkpoint: " + "; ".join(tried))
-    return None
-
-
-def compile_loss(estimator: Estimator, model: AIR, device: torch.device) -> Any:
-    """`estimator.loss` under torch.compile: (images, prior as a 0-d tensor) -> (loss, logs).
-
-    `fallback_random` makes the compiled graph draw its noise with torch's own generator, in
-    the same order as the eager code: the same seed gives the same samples either way, and a
-    resumed run (whose checkpoint holds that generator's state) continues the same stream.
-    """
-
-    def loss_and_logs(x: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        out = estimator.loss(model, x, prior)
-        return out.loss, out.logs
-
-    options: dict[str, Any] = {"fallback_random": True}
-    if device.type == "cpu":
-        # A C++ wrapper calls the graph's ~100 kernels and matrix products without a Python
-        # frame each: measured 31 -> 26 ms per NVIL step on 2 cores. (CUDA: untested, no GPU.)
-        options["cpp_wrapper"] = True
-    return torch.compile(loss_and_logs, options=options)
-
-
-def _resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device={name!r} but CUDA is not available on {socket.gethostname()}"
-        )
-    return device
-
-
 class Trainer:
     """Owns one run: its folder, model, optimiser and loop."""
 
     def __init__(self, cfg: RunConfig, data: Datasets | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
-        self.device = _resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if self.device.type == "cpu":
@@ -224,7 +125,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "estimator": self.estimator.state_dict(),
                 "optimiser": self.optimiser.state_dict(),
-                "rng": rng if rng is not None else _rng_state(self.device),
+                "rng": rng if rng is not None else rng_state(self.device),
                 "status": self.status,
                 "running": self.running,
             },
@@ -234,7 +135,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.estimator.load_state_dict(ckpt["estimator"])
         self.optimiser.load_state_dict(ckpt["optimiser"])
-        _set_rng_state(ckpt["rng"], self.device)
+        set_rng_state(ckpt["rng"], self.device)
         self.iteration = ckpt["iteration"]
         self.elapsed = ckpt["elapsed"]
         self.status = ckpt.get("status", {})
@@ -276,7 +177,7 @@ class Trainer:
         Returns the result record, also written to result.json when the run ends.
         """
         if self.prepare():
-            self._loop(stop_after)
+            self.loop(stop_after)
         # After a stop request no final evaluation is started (it can take minutes): the run
         # is checkpointed, and resuming it runs just the final evaluation.
         if self.needs_training() or self.stop_requested:
@@ -300,7 +201,7 @@ class Trainer:
         diverged = self.status.get("diverged_at") is not None
         return not diverged and self.iteration < self.cfg.train.iterations
 
-    def _loop(self, stop_after: int | None) -> None:
+    def loop(self, stop_after: int | None) -> None:
         """Train to the end, `stop_after` more iterations, a stop request or a divergence
         (bench/train_loop.py: the loop's body, which bench.perf times)."""
         RunLoop(self, stop_after).run()
@@ -365,14 +266,14 @@ class Trainer:
             return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
 
-    def _diverged(self, loss: float, grad_norm: float) -> None:
+    def mark_diverged(self, loss: float, grad_norm: float) -> None:
         log.warning(
             "%s: non-finite values at iteration %d (loss %s, grad norm %s); recorded as diverged",
             self.run_dir, self.iteration, loss, grad_norm,
         )  # fmt: skip
         self.status["diverged_at"] = self.iteration
 
-    def _record_evaluation(self, running: dict[str, float], result: dict | None = None) -> None:
+    def record_evaluation(self, running: dict[str, float], result: dict | None = None) -> None:
         """Evaluate (or take `result`, the same evaluation computed elsewhere: a seed group's
         vectorised one) and append the record to metrics.jsonl."""
         ev = self.cfg.eval

@@ -252,13 +252,13 @@ def test_stop_requested_during_an_evaluation_still_checkpoints_every_seed(
     cfgs = [tiny_config(f"seed={s}", SMALL, "train.checkpoint_every=1000", out=f"g{s}")
             for s in (0, 1)]  # fmt: skip
     group = SeedGroup(cfgs)
-    real = Trainer._record_evaluation
+    real = Trainer.record_evaluation
 
     def stop_while_evaluating(trainer, *args):  # noqa: ANN001, ANN002, ANN202
         group.stop_requested = True
         return real(trainer, *args)
 
-    monkeypatch.setattr(Trainer, "_record_evaluation", stop_while_evaluating)
+    monkeypatch.setattr(Trainer, "record_evaluation", stop_while_evaluating)
     assert [r["status"] for r in group.run()] == ["partial", "partial"]
     for cfg in cfgs:
         assert load_checkpoint(Path(cfg.out_dir), config_hash(cfg))["iteration"] == 4
