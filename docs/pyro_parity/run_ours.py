@@ -1,7 +1,8 @@
 """Train one of our variants (as `run_all.py` would, cpu profile) and log *sampled* count accuracy.
 
-The counterpart of run_pyro.py: same training images (count experiment, data seed 1, 60000),
-same held-out images (3000 MNIST-test canvases, data seed 1), and the same kind of count: one
+The counterpart of run_pyro.py: same training images (count experiment, data seed 1, 60000,
+the layout of the experiment's `data.params.placement`, override it to compare), same held-out
+images (3000 MNIST-test canvases, data seed 1, same layout), and the same kind of count: one
 sample of the inference network per image (`model(x, prior, sample=True).counts()`), as Pyro's
 `count_accuracy` counts. Mode counts are logged beside them.
 
@@ -79,8 +80,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     cfg = load_config(layers(args.variant), [f"seed={args.seed}", *args.overrides])
-    X = train_images(cfg.data.n_train, cfg.data.seed)
-    x_test, c_test = held_out(args.n_test, cfg.data.seed)
+    placement = (cfg.data.params or {}).get("placement", "ink")  # the spec's default
+    X = train_images(cfg.data.n_train, cfg.data.seed, placement)
+    x_test, c_test = held_out(args.n_test, cfg.data.seed, placement)
     device = torch.device("cpu")
     model, estimator, optimiser = build(cfg, device)
     if args.init_from_pyro is not None:
