@@ -1,10 +1,11 @@
 """Gather the learning curves of run_ours.py / run_pyro.py into one CSV, a table and a plot.
 
-    python docs/pyro_parity/summarise.py [--results docs/pyro_parity/results]
+    python docs/pyro_parity/summarise.py [--results docs/pyro_parity/results] [--plot PNG]
 
-Writes `curves.csv` (every evaluation of every run), prints a markdown table of the sampled count
-accuracy per implementation and iteration (median, min-max, number of seeds) and draws
-`curves.png` (one thin line per seed, the median thick).
+Writes `curves.csv` (every evaluation of every run) in the results folder, prints a markdown
+table of the sampled count accuracy per implementation and iteration (median, min-max, number of
+seeds) and each seed's figure at the last iteration, and draws the curves (one thin line per
+seed, the median thick; default `curves.png` beside this script).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ NAMES = {
     "ours_fixed": "ours+pyro_baseline",  # estimator.params.baseline_scale=64/60000
     "ours_fixed_where": "ours+pyro_baseline+where",  # ... and model.where_scale_relative=true
     "ours_pyroform_pyroinit": "ours_pyro_form_pyro_init",  # ... and kl_estimate=sampled, Pyro's
+    "ours_frame": "ours",  # air_nvil_fixed as it is, on the frame layout (results_frame/)
 }
 
 
@@ -56,6 +58,15 @@ def table(curves: pd.DataFrame, every: int = 1000) -> str:
             else:
                 cells.append(f"{v.median():.3f} [{v.min():.3f}-{v.max():.3f}] ({len(v)})")
         out.append(f"| {it} | " + " | ".join(cells) + " |")
+    last = curves.iteration.max()
+    out.append(f"\nAt {last}, per seed:")
+    for impl in impls:
+        d = curves[(curves.impl == impl) & (curves.iteration == last)].sort_values("seed")
+        if not d.empty:
+            seeds = ", ".join(
+                f"{a:.3f} (seed {s})" for s, a in zip(d.seed, d.count_accuracy, strict=True)
+            )
+            out.append(f"- {impl}: {seeds}")
     return "\n".join(out)
 
 
@@ -97,13 +108,14 @@ def plot(curves: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--plot", type=Path, default=HERE / "curves.png", help="where to draw")
     args = ap.parse_args()
     curves = load(args.results).sort_values(["impl", "seed", "iteration"])
     tmp = args.results / "curves.csv.tmp"
     curves.to_csv(tmp, index=False)
     os.replace(tmp, args.results / "curves.csv")
     sys.stdout.write(table(curves) + "\n")
-    plot(curves, HERE / "curves.png")
+    plot(curves, args.plot)
 
 
 if __name__ == "__main__":
