@@ -1,7 +1,7 @@
 """`run_all.py --config-help [PREFIX]`: every run-config field with its type, default and doc.
 
 The fields are those of the typed schema (bench.config.RunConfig and its nested dataclasses,
-ModelConfig from implementations/core/model.py included). The documentation stays where it is
+ModelConfig from implementations/core/model_config.py included). The documentation stays where it is
 written, once: the `# comment` on a field's line(s) in the source, or, when the line has none,
 the comment lines just above it. This module reads it with `inspect` + `tokenize`.
 """

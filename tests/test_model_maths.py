@@ -9,14 +9,13 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 
-from implementations.core.estimators import NVIL, downstream_elbo, score_function_surrogate
-from implementations.core.model import (
-    AIR,
-    ModelConfig,
-    _concrete_logit_density,
-    _gaussian_kl,
-    _gaussian_log_prob,
+from implementations.core.densities import (
+    concrete_logit_density,
+    gaussian_kl,
+    gaussian_log_prob,
 )
+from implementations.core.estimators import NVIL, downstream_elbo, score_function_surrogate
+from implementations.core.model import AIR, ModelConfig
 from implementations.core.priors import geometric_count_log_prob, presence_prior_prob
 from implementations.core.spatial import crop, paste, where_to_box
 
@@ -59,12 +58,12 @@ def test_gaussian_kl_matches_torch_distributions() -> None:
     g = torch.Generator().manual_seed(1)
     loc, p_loc = torch.randn(7, 5, generator=g), torch.randn(5, generator=g)
     scale, p_scale = torch.rand(7, 5, generator=g) + 0.1, torch.rand(5, generator=g) + 0.1
-    ours = _gaussian_kl(loc, scale, p_loc, p_scale)
+    ours = gaussian_kl(loc, scale, p_loc, p_scale)
     ref = kl_divergence(Normal(loc, scale), Normal(p_loc, p_scale)).sum(-1)
     torch.testing.assert_close(ours, ref)
     z = torch.randn(7, 5, generator=g)
     torch.testing.assert_close(
-        _gaussian_log_prob(z, loc, scale), Normal(loc, scale).log_prob(z).sum(-1)
+        gaussian_log_prob(z, loc, scale), Normal(loc, scale).log_prob(z).sum(-1)
     )
 
 
@@ -73,7 +72,7 @@ def test_concrete_density_matches_torch_distributions() -> None:
     logits, y = torch.randn(100, generator=g) * 3, torch.randn(100, generator=g) * 4
     for temp in (0.5, 1.0, 2.0):
         ref = LogitRelaxedBernoulli(torch.tensor(temp), logits=logits).log_prob(y)
-        torch.testing.assert_close(_concrete_logit_density(y, logits, temp), ref)
+        torch.testing.assert_close(concrete_logit_density(y, logits, temp), ref)
 
 
 def test_model_terms_match_distributions() -> None:

@@ -230,7 +230,8 @@ def test_cache_roundtrip_and_spec_change(
     assert not list(tmp_path.glob("*.part"))  # temp file renamed away
 
     second = load_or_generate(spec, cache_dir=tmp_path)
-    assert f"loaded from cache {files[0]}" in _messages(caplog)
+    loaded = "loaded 300 multi-MNIST images (test, counts (0, 1, 2)) from cache"
+    assert f"{loaded} {files[0]}" in _messages(caplog)
     _assert_same(first, second)
     _assert_same(first, generate(spec, *mnist_test))
 
@@ -269,7 +270,9 @@ def test_corrupt_cache_is_rebuilt(
     _assert_same(original, rebuilt)
     # The rebuilt file is valid again.
     load_or_generate(spec, cache_dir=tmp_path)
-    assert "loaded from cache" in _messages(caplog)
+    assert f"loaded 200 multi-MNIST images (test, counts (0, 1, 2)) from cache {path}" in (
+        _messages(caplog)
+    )
 
 
 def test_cache_checksum_catches_silent_changes(

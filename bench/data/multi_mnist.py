@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +29,14 @@ import numpy as np
 from bench.data.digit_render import DIGIT, ink_boxes, paste
 from bench.data.digit_render import MARGIN as _MARGIN
 from bench.data.mnist import PROJECT_ROOT, load_mnist
-from bench.data.npz_cache import read_arrays, write_arrays
+from bench.data.npz_cache import load_or_build, read_arrays, write_arrays
 
 __all__ = [
     "GENERATOR_VERSION",
     "MultiMnist",
     "MultiMnistSpec",
+    "cache_file",
+    "cache_folder",
     "default_cache_dir",
     "generate",
     "load_or_generate",
@@ -350,6 +351,16 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else PROJECT_ROOT / ".cache" / "multi_mnist"
 
 
+def cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The folder of generated sets: ``cache_dir`` if given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def cache_file(spec: MultiMnistSpec, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where :func:`load_or_generate` caches the set of ``spec``."""
+    return cache_folder(cache_dir) / f"multi_mnist-{spec.split}-{spec.n_images}-{spec.key()}.npz"
+
+
 def load_or_generate(
     spec: MultiMnistSpec,
     data_dir: str | os.PathLike[str] | None = None,
@@ -362,35 +373,18 @@ def load_or_generate(
     truncated or corrupt file is logged as a warning and rebuilt. MNIST (from ``data_dir``, see
     :func:`bench.data.mnist.load_mnist`) is read only when generating.
     """
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / f"multi_mnist-{spec.split}-{spec.n_images}-{spec.key()}.npz"
-    if path.exists():
-        try:
-            data = _read_cache(path, spec)
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
-            logger.warning("cache file %s is unreadable or corrupt (%s); rebuilding it", path, exc)
-        else:
-            logger.info("loaded from cache %s", path)
-            return data
 
-    logger.info(
-        "generating %d multi-MNIST images (%s, counts %s) ...",
-        spec.n_images,
-        spec.split,
-        spec.counts,
+    def build() -> MultiMnist:
+        return generate(spec, *load_mnist(spec.split, data_dir))
+
+    return load_or_build(
+        cache_file(spec, cache_dir),
+        read=lambda path: _read_cache(path, spec),
+        build=build,
+        write=_write_cache,
+        logger=logger,
+        what=f"{spec.n_images} multi-MNIST images ({spec.split}, counts {spec.counts})",
     )
-    start = time.perf_counter()
-    mnist_images, mnist_labels = load_mnist(spec.split, data_dir)
-    data = generate(spec, mnist_images, mnist_labels)
-    logger.info("generated in %.1f s", time.perf_counter() - start)
-    try:
-        _write_cache(path, data)
-    except OSError as exc:
-        # A read-only or full disk costs a regeneration next time, not a failed run.
-        logger.warning("could not write cache file %s: %s", path, exc)
-    else:
-        logger.info("saved to cache %s", path)
-    return data
 
 
 def _cache_meta(spec: MultiMnistSpec) -> dict:

@@ -1,17 +1,22 @@
 """The one format of generated data sets on disk: compressed npz arrays plus a JSON `meta` entry
-holding what identifies the set and a sha256 of the arrays. Written atomically."""
+holding what identifies the set and a sha256 of the arrays. Written atomically. `load_or_build`
+is the one policy around it: read the cached file, else build the set and cache it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def checksum(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> str:
@@ -56,3 +61,39 @@ def read_arrays(
     if checksum(arrays, names) != meta.get("sha256"):
         raise ValueError("sha256 of the arrays does not match the stored checksum")
     return arrays
+
+
+def load_or_build(
+    path: Path,
+    read: Callable[[Path], T],
+    build: Callable[[], T],
+    write: Callable[[Path, T], None],
+    logger: logging.Logger,
+    what: str,
+) -> T:
+    """`read(path)` when that succeeds, else `build()`, saved with `write(path, built)`.
+
+    Any error reading the file (missing arrays, a checksum or `meta` mismatch, a truncated or
+    foreign file) is logged as a warning and the set rebuilt, never fatal; so is an OSError
+    writing it (a read-only or full disk costs a rebuild next time, not a failed run). Errors
+    from `build` propagate. Messages go to the caller's `logger`, naming the set as `what`.
+    """
+    if path.exists():
+        try:
+            found = read(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
+            logger.warning("cache file %s is unreadable or corrupt (%s); rebuilding it", path, exc)
+        else:
+            logger.info("loaded %s from cache %s", what, path)
+            return found
+    logger.info("generating %s ...", what)
+    start = time.perf_counter()
+    built = build()
+    logger.info("generated %s in %.1f s", what, time.perf_counter() - start)
+    try:
+        write(path, built)
+    except OSError as exc:
+        logger.warning("could not write cache file %s: %s", path, exc)
+    else:
+        logger.info("saved %s to cache %s", what, path)
+    return built

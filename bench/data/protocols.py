@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +49,8 @@ import numpy as np
 
 from bench.data import reference_sets
 from bench.data.mnist import load_mnist
-from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, default_cache_dir, load_or_generate
-from bench.data.npz_cache import read_arrays, write_arrays
+from bench.data.multi_mnist import MultiMnist, MultiMnistSpec, cache_folder, load_or_generate
+from bench.data.npz_cache import load_or_build, read_arrays, write_arrays
 
 if TYPE_CHECKING:
     from bench.config import DataConfig
@@ -242,25 +241,18 @@ def load_reference_set(
             f"{protocol!r} is not a reference protocol; known: {list(REFERENCE_PROTOCOLS)}"
         )
     proto = PROTOCOLS[protocol]
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / f"reference-{protocol}-{_key(proto)}.npz"
-    if path.exists():
-        try:
-            found = _read(path, proto)
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
-            logger.warning("cache file %s is unreadable or corrupt (%s); rebuilding it", path, exc)
-        else:
-            logger.info("loaded test protocol %s from cache %s", protocol, path)
-            return found
-    logger.info("generating test protocol %s (%s) ...", protocol, proto.summary)
-    start = time.perf_counter()
-    found = _generate(proto, *load_mnist(proto.mnist_split, data_dir))
-    logger.info("generated %s in %.1f s", protocol, time.perf_counter() - start)
-    try:
-        _write(path, found, proto)
-    except OSError as exc:  # a read-only or full disk costs a regeneration, not a failed run
-        logger.warning("could not write cache file %s: %s", path, exc)
-    return found
+
+    def build() -> ReferenceSet:
+        return _generate(proto, *load_mnist(proto.mnist_split, data_dir))
+
+    return load_or_build(
+        cache_folder(cache_dir) / f"reference-{protocol}-{_key(proto)}.npz",
+        read=lambda path: _read(path, proto),
+        build=build,
+        write=lambda path, found: _write(path, found, proto),
+        logger=logger,
+        what=f"test protocol {protocol}",
+    )
 
 
 def _generate(proto: Protocol, mnist_images: np.ndarray, mnist_labels: np.ndarray) -> ReferenceSet:

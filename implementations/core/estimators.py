@@ -18,7 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from implementations.core.model import AIR, FlatImages, ImageLSTM, Trace, mlp
+from implementations.core.model import AIR
+from implementations.core.networks import ImageLSTM, mlp
+from implementations.core.sparse_projection import FlatImages
+from implementations.core.trace import Trace
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 

@@ -1,319 +1,54 @@
-"""The AIR model (Eslami et al., 2016): generative model and inference network in one module.
+"""The AIR model (Eslami et al., 2016): generative model and inference network.
 
 One forward pass runs the inference LSTM for `max_steps` steps. At each step it proposes a
 presence `z_pres`, a window `z_where = (s, x, y)` and an appearance `z_what` read from the glimpse
 under that window; the decoder draws the object and pastes it onto the canvas. Every term of the
 ELBO is kept per step in a `Trace`, so estimators can build per-step learning signals from it.
+
+The parts live beside it: its settings (`model_config.py`), what a pass takes and gives
+(`trace.py`), the densities of its ELBO (`densities.py`), its networks (`networks.py`), the
+sparse image projection (`sparse_projection.py`), the spatial transformer (`spatial.py`) and
+the count priors (`priors.py`). Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from implementations.core.densities import (
+    LOG_2PI,
+    concrete_logit_density,
+    gaussian_kl,
+    gaussian_log_prob,
+    image_log_likelihood,
+)
+from implementations.core.model_config import ModelConfig, check_model_config
+from implementations.core.networks import ImageLSTM, mlp
 from implementations.core.priors import count_prior_step_log_probs
+from implementations.core.sparse_projection import (
+    FlatImages,
+    sparse_projection,
+    sparse_weight_grad,
+)
 from implementations.core.spatial import crop, paste, where_to_box
+from implementations.core.trace import Noise, Trace
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclass
-class ModelConfig:
-    """Architecture and generative-model settings (defaults: the PyTorch/Pyro AIR settings)."""
-
-    canvas: int = 50  # side of the square input images, in pixels
-    window: int = 28  # side of the glimpse read by the encoder and of the decoded object
-    max_steps: int = 3  # at most this many objects per image
-    lstm_hidden: int = 256  # units of the inference LSTM
-    z_what_dim: int = 50  # appearance code size
-    encoder_hidden: int = 200  # hidden units of the glimpse encoder (z_what posterior)
-    decoder_hidden: int = 200  # hidden units of the object decoder
-    predict_hidden: int = 200  # hidden units of the LSTM -> (z_pres, z_where) head
-    decoder_bias: float = -2.0  # output bias before the sigmoid: objects start mostly empty
-    likelihood: str = "gaussian"  # "gaussian" or "bernoulli"
-    likelihood_sd: float = 0.3  # sd of the Gaussian likelihood
-    where_prior_loc: list[float] = field(default_factory=lambda: [3.0, 0.0, 0.0])
-    where_prior_scale: list[float] = field(default_factory=lambda: [0.2, 1.0, 1.0])
-    where_scale_init: float = 0.1  # initial posterior sd of z_where (keeps early zooms sane)
-    # True: Pyro's form (examples/air/air.py, guide_step): sd = softplus(out) * prior sd, the
-    # head's bias left at nn.Linear's init, so the sd starts near 0.69 x (0.2, 1, 1);
-    # `where_scale_init` is then unused. False: sd = softplus(out), starting at where_scale_init.
-    where_scale_relative: bool = False
-    dair: bool = False  # DAIR: the encoder sees the image minus the canvas drawn so far
-    sparse_images: bool | None = None  # sparse image projection; None: on CPU, not on GPUs
-    presence: str = "bernoulli"  # "bernoulli" (discrete z_pres) or "concrete" (relaxed)
-    concrete_temperature: float = 1.0  # temperature of the Concrete relaxation
-    concrete_stop: float = 0.99  # relaxed: stop once the running sum of (1 - z_pres) reaches it
-    # Relaxed: which stop sum decides whether a step's object is drawn and its window and
-    # appearance are scored. "before": the sum before this step's (1 - z_pres) is added, so the
-    # step that crosses `concrete_stop` is still drawn (this harness's original rule); "after":
-    # the sum after it, so that step is not drawn and its KL not counted (aakhundov's
-    # air_model.py, where the canvas and the where/what KL are gated on the updated stop sum).
-    # The presence KL is always counted for every step that ran (both rules, and aakhundov's).
-    concrete_gate: str = "before"
-    # Relaxed: True multiplies the window and appearance KL of each step by its relaxed z_pres
-    # (the original rule); False counts it unscaled wherever the gate is on (aakhundov).
-    concrete_scale_kl: bool = True
-    # Prior on the number of objects n, from the success probability s (prior.* in the run
-    # config). "per_step": a Bernoulli(s) prior on each step that runs, i.e. a geometric cut at
-    # max_steps whose last count takes the whole tail, p(max_steps) = s^max_steps (Pyro, addtt);
-    # "count": p(n) = s^n (1 - s) for n = 0..max_steps (akosiorek's prior.py), under which the
-    # last step costs log s like every other one instead of gaining log(s / (1 - s)).
-    presence_prior: str = "per_step"
-    # "count" prior only: False keeps akosiorek's truncated table as it is (its mass is
-    # 1 - s^(max_steps + 1): the KL gains the constant -log of it, 14.7 nats at s = 1 - 1e-7,
-    # 0.06 at s = 0.5, 1e-4 at s = 0.1; no gradient changes); True divides by that mass.
-    count_prior_normalised: bool = False
-    # Bernoulli presence: how the KL terms are weighted. "sampled": the presence KL of each step
-    # that ran and the window/appearance KL of each step that is on, for the sampled presences
-    # (Pyro, addtt); "expected": each step's presence KL by q's probability of reaching the step
-    # and its window/appearance KL by q's probability that it is on (q(n > t)), which makes the
-    # presence KL exactly KL(q(n) || p(n)) over counts and differentiable in the presence
-    # probabilities (akosiorek's model.py, `analytic=True`). The sampled log-ratios of the
-    # importance weight are the same either way.
-    presence_kl: str = "sampled"
-
-
-@dataclass
-class Noise:
-    """Standard noise for one forward pass; shapes (T, B), (T, B, 3), (T, B, D)."""
-
-    pres: torch.Tensor  # uniform: Bernoulli draws (u < p) or Concrete's logistic noise
-    where: torch.Tensor  # standard normal, reparameterises z_where
-    what: torch.Tensor  # standard normal, reparameterises z_what
-
-
-@dataclass
-class Trace:
-    """Everything one forward pass sampled, with the ELBO kept per step.
-
-    Shapes: T = max_steps, B = batch. Per-step terms are already masked: a step that did not run
-    (an earlier `z_pres` was 0) contributes zero, except to the KL terms under
-    `presence_kl: expected`, which weight every step by q's probabilities instead.
-    """
-
-    z_pres: torch.Tensor  # (T, B) sampled presence (0/1, or relaxed in (0, 1))
-    pres_prob: torch.Tensor  # (T, B) q's probability that step t is on, given it runs
-    ran: torch.Tensor  # (T, B) 1 where step t ran (all earlier steps were on)
-    z_where: torch.Tensor  # (T, B, 3)
-    z_what: torch.Tensor  # (T, B, D)
-    log_q_pres: torch.Tensor  # (T, B) log q of the sampled presence (score-function term)
-    kl_pres: torch.Tensor  # (T, B) presence KL: analytic (Bernoulli) or sampled (Concrete)
-    log_ratio_pres: torch.Tensor  # (T, B) sampled log p - log q of the presence
-    kl_where: torch.Tensor  # (T, B) analytic KL of z_where, weighted as `presence_kl` says
-    kl_what: torch.Tensor  # (T, B) analytic KL of z_what, weighted as `presence_kl` says
-    log_ratio_cont: torch.Tensor  # (T, B) sampled log p - log q of z_where and z_what
-    log_lik: torch.Tensor  # (B,) log p(x | z)
-    canvas: torch.Tensor  # (B, H, W) reconstruction
-    extras: dict = field(default_factory=dict)  # variant-specific tensors
-    # (T, B) relaxed presence with `concrete_gate: after` only: 1 where the step's object is
-    # drawn (the stop sum after its update is still below `concrete_stop`); None otherwise.
-    kept: torch.Tensor | None = None
-
-    def kl(self) -> torch.Tensor:
-        """(T, B) KL contribution of each step."""
-        return self.kl_pres + self.kl_where + self.kl_what
-
-    def elbo(self) -> torch.Tensor:
-        """(B,) single-sample ELBO in nats per image."""
-        return self.log_lik - self.kl().sum(0)
-
-    def log_weight(self) -> torch.Tensor:
-        """(B,) importance weight log p(x, z) - log q(z | x) with every latent sampled."""
-        return self.log_lik + self.log_ratio_pres.sum(0) + self.log_ratio_cont.sum(0)
-
-    def on_mask(self) -> torch.Tensor:
-        """(T, B) bool: the steps counted as objects, always a prefix of the steps.
-
-        Relaxed presence rounded at 0.5; with `concrete_gate: after`, the steps that are drawn
-        (aakhundov counts a step when the stop sum after it is below the threshold).
-        """
-        if self.kept is not None:
-            return self.kept > 0
-        return (self.z_pres >= 0.5).long().cumprod(0).bool()
-
-    def counts(self) -> torch.Tensor:
-        """(B,) number of steps that were on (see `on_mask`)."""
-        return self.on_mask().long().sum(0)
-
-
-def _gaussian_kl(
-    loc: torch.Tensor, scale: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor
-) -> torch.Tensor:
-    """KL(N(loc, scale) || N(p_loc, p_scale)), summed over the last dimension."""
-    var_ratio = (scale / p_scale) ** 2
-    mean_term = ((loc - p_loc) / p_scale) ** 2
-    return 0.5 * (var_ratio + mean_term - 1 - var_ratio.log()).sum(-1)
-
-
-def _gaussian_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """log N(z; loc, scale), summed over the last dimension."""
-    return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
-
-
-class FlatImages:
-    """A batch of flattened images, and whether to project them as sparse matrices.
-
-    Multi-MNIST canvases are ~95 % zeros, so on CPU the image projection (the model's largest
-    matrix product, 2500 x 4H) runs as a sparse-times-dense product (`sparse_projection`).
-    """
-
-    def __init__(self, flat: torch.Tensor, sparse: bool) -> None:
-        self.dense = flat
-        self.sparse = sparse and not flat.requires_grad
-
-
-class _CsrCache:
-    """The CSR copies of the last images projected, shared by the model and NVIL's baseline.
-
-    Both project the same batch, forward and backward, so its CSR form (and its transpose's)
-    is built once per batch. The cache keeps a reference to the images it was built from, so
-    their memory cannot be reused while the entry lives: an equal data pointer, version counter,
-    shape and strides then means the very same values.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, images: torch.Tensor, transpose: bool) -> torch.Tensor:
-        hit = self._entries.get(transpose)
-        if hit is not None and _same_tensor(hit[0], images):
-            return hit[1]
-        with warnings.catch_warnings():  # "CSR support is in beta": the two products used
-            warnings.simplefilter("ignore")  # here are checked against dense ones in tests
-            if transpose:  # from the forward's CSR when it is there: half the time of a dense t()
-                forward = self._entries.get(False)
-                source = forward[1].t() if forward and _same_tensor(forward[0], images) else None
-                csr = (source if source is not None else images.t()).to_sparse_csr()
-            else:
-                csr = images.to_sparse_csr()
-        self._entries[transpose] = (images, csr)
-        return csr
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a._version == b._version
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
-    )
-
-
-_CSR = _CsrCache()
-
-
-# Custom ops rather than an autograd.Function: torch.compile cannot trace sparse tensors, but
-# it can call an opaque op, so the whole loss still compiles into one graph (`train.compile`).
-@torch.library.custom_op("air::sparse_projection", mutates_args=())
-def sparse_projection(
-    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """`bias + images @ weight` computed from the CSR form of `images` (nnz-bound)."""
-    return torch.addmm(bias, _CSR.get(images, transpose=False), weight)
-
-
-@torch.library.custom_op("air::sparse_weight_grad", mutates_args=())
-def sparse_weight_grad(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """`images^T @ grad` from the CSR form of `images^T`: the projection's weight gradient."""
-    # Written straight into a fresh buffer with beta=0: torch.sparse.mm zero-fills a temporary
-    # and copies it out, which measured 3x slower than the product itself at 2500 x 1024.
-    out = grad.new_empty(images.shape[1], grad.shape[1])
-    return torch.addmm(out, _CSR.get(images, transpose=True), grad, beta=0, out=out)
-
-
-@sparse_projection.register_fake
-def _(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return images.new_empty(images.shape[0], weight.shape[1])
-
-
-@sparse_weight_grad.register_fake
-def _(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.new_empty(images.shape[1], grad.shape[1])
-
-
-def _projection_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    ctx.save_for_backward(inputs[0])
-
-
-def _projection_backward(ctx, grad):  # noqa: ANN001, ANN202
-    (images,) = ctx.saved_tensors
-    return None, sparse_weight_grad(images, grad), grad.sum(0)  # no gradient for the images
-
-
-sparse_projection.register_autograd(_projection_backward, setup_context=_projection_setup)
-
-
-class ImageLSTM(nn.Module):
-    """An LSTM cell whose input is (image, small latent vector).
-
-    The image part of the input projection is split off so that it can be computed once per
-    image rather than once per step: in AIR the image does not change between steps, and that
-    projection (2500 x 4H) is the largest matrix product of the model. Its weight is stored
-    input-major (pixels x 4H) so that sparse rows of the image read contiguous weight rows.
-    """
-
-    def __init__(self, image_dim: int, latent_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.hidden = hidden
-        bound = 1.0 / math.sqrt(image_dim)  # nn.Linear's default initialisation
-        self.image_weight = nn.Parameter(torch.empty(image_dim, 4 * hidden).uniform_(-bound, bound))
-        self.image_bias = nn.Parameter(torch.empty(4 * hidden).uniform_(-bound, bound))
-        self.recurrent = nn.Linear(latent_dim + hidden, 4 * hidden, bias=False)
-
-    def project(self, images: FlatImages) -> torch.Tensor:
-        if images.sparse:
-            return sparse_projection(images.dense, self.image_weight, self.image_bias)
-        return torch.addmm(self.image_bias, images.dense, self.image_weight)
-
-    def step(
-        self,
-        image_gates: torch.Tensor,
-        latent: torch.Tensor,
-        state: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One LSTM step from `state` = (h, c); None is the zero state of the first step.
-
-        From the zero state the recurrent product needs only the latent's columns of the
-        weight (h = 0 adds exact zeros) and the forget gate has nothing to forget: a 54-wide
-        product instead of a 310-wide one, with the same values and gradients.
-        """
-        weight = self.recurrent.weight  # (4H, latent + H)
-        if state is None:
-            gates = torch.addmm(image_gates, latent, weight[:, : latent.shape[1]].t())
-        else:
-            gates = torch.addmm(image_gates, torch.cat([latent, state[0]], dim=1), weight.t())
-        # One sigmoid over all four gate blocks (the g block's is unused): fewer ops per step.
-        i, f, _, o = torch.sigmoid(gates).chunk(4, dim=1)
-        g = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
-        c = i * g if state is None else f * state[1] + i * g
-        h = o * torch.tanh(c)
-        return h, c
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        # Checkpoints written before the input-major layout stored an nn.Linear (4H x pixels).
-        old_weight, old_bias = prefix + "image_proj.weight", prefix + "image_proj.bias"
-        if old_weight in state_dict:
-            state_dict[prefix + "image_weight"] = state_dict.pop(old_weight).t().contiguous()
-            state_dict[prefix + "image_bias"] = state_dict.pop(old_bias)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+__all__ = [
+    "AIR",
+    "LOG_2PI",
+    "FlatImages",
+    "ImageLSTM",
+    "ModelConfig",
+    "Noise",
+    "Trace",
+    "mlp",
+    "sparse_projection",
+    "sparse_weight_grad",
+]
 
 
 class AIR(nn.Module):
@@ -321,15 +56,7 @@ class AIR(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.likelihood not in ("gaussian", "bernoulli"):
-            raise ValueError(
-                f"model.likelihood must be 'gaussian' or 'bernoulli', got {cfg.likelihood!r}"
-            )
-        if cfg.presence not in ("bernoulli", "concrete"):
-            raise ValueError(
-                f"model.presence must be 'bernoulli' or 'concrete', got {cfg.presence!r}"
-            )
-        _check_presence_options(cfg)
+        check_model_config(cfg)
         self.cfg = cfg
         pixels, glimpse = cfg.canvas**2, cfg.window**2
         self.latent_dim = 3 + cfg.z_what_dim + 1  # previous (z_where, z_what, z_pres)
@@ -503,8 +230,8 @@ class AIR(nn.Module):
             if "pres_y" in s:
                 temp, y = cfg.concrete_temperature, s["pres_y"]
                 prior_logit = log_prior_on - log_prior_off
-                log_q = _concrete_logit_density(y, logit, temp)
-                log_p = _concrete_logit_density(y, prior_logit, temp)
+                log_q = concrete_logit_density(y, logit, temp)
+                log_p = concrete_logit_density(y, prior_logit, temp)
             else:  # modes: no density
                 log_q = log_p = torch.zeros_like(logit)
             kl_pres = log_q - log_p  # no closed form for Concrete: one-sample estimate
@@ -533,10 +260,10 @@ class AIR(nn.Module):
         p_loc, p_scale = self.where_prior_loc, self.where_prior_scale
         standard_loc, standard_scale = z_what.new_zeros(()), z_what.new_ones(())  # z_what's prior
         log_ratio = (
-            _gaussian_log_prob(z_where, p_loc, p_scale)
-            - _gaussian_log_prob(z_where, where_loc, where_scale)
-            + _gaussian_log_prob(z_what, standard_loc, standard_scale)
-            - _gaussian_log_prob(z_what, what_loc, what_scale)
+            gaussian_log_prob(z_where, p_loc, p_scale)
+            - gaussian_log_prob(z_where, where_loc, where_scale)
+            + gaussian_log_prob(z_what, standard_loc, standard_scale)
+            - gaussian_log_prob(z_what, what_loc, what_scale)
         )
         # Window and appearance are scored only for steps that are on: weighted by the sampled
         # presence or, relaxed, by the gate (and z_pres if scaled). The KL may instead be
@@ -556,8 +283,8 @@ class AIR(nn.Module):
             log_q_pres=log_q,
             kl_pres=kl_pres,
             log_ratio_pres=log_p - log_q,
-            kl_where=_gaussian_kl(where_loc, where_scale, p_loc, p_scale) * kl_on,
-            kl_what=_gaussian_kl(what_loc, what_scale, standard_loc, standard_scale) * kl_on,
+            kl_where=gaussian_kl(where_loc, where_scale, p_loc, p_scale) * kl_on,
+            kl_what=gaussian_kl(what_loc, what_scale, standard_loc, standard_scale) * kl_on,
             log_ratio_cont=log_ratio * on,
             log_lik=self.log_likelihood(x, canvas),
             canvas=canvas,
@@ -577,13 +304,7 @@ class AIR(nn.Module):
     # ----------------------------------------------------------------------------- scoring
     def log_likelihood(self, x: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
         """(B,) log p(x | canvas) under the configured likelihood."""
-        if self.cfg.likelihood == "gaussian":
-            sd = self.cfg.likelihood_sd
-            per_pixel = -0.5 * ((x - canvas) / sd) ** 2 - math.log(sd) - 0.5 * LOG_2PI
-        else:
-            p = canvas.clamp(1e-6, 1 - 1e-6)
-            per_pixel = x * p.log() + (1 - x) * (-p).log1p()
-        return per_pixel.flatten(1).sum(1)
+        return image_log_likelihood(x, canvas, self.cfg.likelihood, self.cfg.likelihood_sd)
 
     def boxes(self, trace: Trace) -> torch.Tensor:
         """(T, B, 4) pixel boxes of every step's window."""
@@ -594,35 +315,3 @@ class AIR(nn.Module):
         on = trace.on_mask().cpu()  # (T, B)
         step_boxes = self.boxes(trace).cpu()  # (T, B, 4)
         return [step_boxes[on[:, b], b] for b in range(on.shape[1])]
-
-
-_CHOICES = {
-    "concrete_gate": ("before", "after"),
-    "presence_prior": ("per_step", "count"),
-    "presence_kl": ("sampled", "expected"),
-}
-
-
-def _check_presence_options(cfg: ModelConfig) -> None:
-    """ValueError naming the field for a bad choice or an unsupported combination."""
-    for name, choices in _CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in choices:
-            raise ValueError(f"model.{name} must be one of {list(choices)}, got {value!r}")
-    if cfg.presence_kl == "expected" and cfg.presence != "bernoulli":
-        raise ValueError(
-            "model.presence_kl 'expected' needs model.presence 'bernoulli' (the Concrete "
-            "relaxation has no closed-form presence KL to take in expectation)"
-        )
-
-
-def _concrete_logit_density(
-    y: torch.Tensor, logit: torch.Tensor | float, temp: float
-) -> torch.Tensor:
-    """log density of a binary Concrete sample, parameterised by its logit `y`.
-
-    With y = (logit + Logistic noise) / temp, y is a scaled logistic variable; scoring in logit
-    space avoids the sigmoid's saturation (Maddison et al., 2017, appendix C).
-    """
-    d = logit - temp * y
-    return math.log(temp) + d - 2 * F.softplus(d)

@@ -8,7 +8,6 @@ training digits, the test split MNIST test digits. Generated sets are cached on 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.data.mnist import MnistCorruptError, MnistNotFoundError, find_mnist_files
@@ -16,7 +15,7 @@ from bench.data.multi_mnist import (
     MAX_COUNT,
     MultiMnist,
     MultiMnistSpec,
-    default_cache_dir,
+    cache_file,
     load_or_generate,
 )
 from bench.data.protocols import REFERENCE_PROTOCOLS
@@ -45,12 +44,6 @@ def spec_of(cfg: DataConfig, canvas: int, split: str) -> MultiMnistSpec:
     layout = {"placement": opts["placement"], "overlap": opts["overlap"]}
     return MultiMnistSpec(n_images=n, split=split, counts=tuple(counts), seed=cfg.seed,
                           canvas=canvas, rescale=cfg.rescale, **layout)  # fmt: skip
-
-
-def cache_file(spec: MultiMnistSpec, cache_dir: str | None) -> Path:
-    """Where `bench.data.multi_mnist.load_or_generate` caches the set of `spec`."""
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return folder / f"multi_mnist-{spec.split}-{spec.n_images}-{spec.key()}.npz"
 
 
 @register_dataset
