@@ -84,6 +84,16 @@ class TrainConfig:
     # Costs ~30-60 s of compilation when a run (or a resumed session) starts; same maths,
     # float rounding aside (tests/test_trainer.py compares it with the eager step).
     compile: bool = False
+    # The training noise: "torch" (each run's torch generator, swapped in per seed in a seed
+    # group) or "counter" (a hash of (seed, iteration, draw, tensor, element): no generator
+    # state, one vectorised call for a whole seed group; bench/counter_noise.py). Different
+    # numbers, same distribution. Evaluation noise is torch's either way.
+    noise: str = "torch"
+    # Seed groups: clip each seed's gradient and step its Adam in one compiled function over the
+    # stacked tensors (bench/group_update.py; on CUDA in mode "reduce-overhead", a CUDA graph
+    # where inductor allows: untested, no GPU was lent) instead of one fused Adam kernel per
+    # seed. Same maths, float rounding aside. Single runs ignore it.
+    compile_update: bool = False
 
 
 @dataclass
@@ -231,6 +241,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.eval.iw_samples >= 0, "eval.iw_samples", "an integer >= 0"),
         (cfg.train.device == "cpu" or cfg.train.device.startswith("cuda"), "train.device",
          "'cpu' or 'cuda[:N]'"),
+        (cfg.train.noise in ("torch", "counter"), "train.noise",
+         f"'torch' or 'counter', got {cfg.train.noise!r}"),
     ]  # fmt: skip
     for ok, key, expected in checks:
         if not ok:
@@ -292,6 +304,10 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("seed", "out_dir")) -
     for key in ignore:
         d.pop(key, None)
     d["train"].pop("progress", None)
+    if d["train"].get("noise") == "torch":
+        d["train"].pop("noise", None)  # the default: the hash it had before the field
+    if d["train"].get("compile_update") is False:
+        d["train"].pop("compile_update", None)  # likewise
     # Where MNIST and the generated cache live changes no number (both are checksummed).
     d["data"].pop("data_dir", None)
     d["data"].pop("cache_dir", None)

@@ -122,6 +122,9 @@ def _run_row(
             "iterations_to_target": _num(record.get("iterations_to_target")),
             **{col: NAN for col in FIXED_FINAL if col != "final_confusion"},
             "final_confusion": "",
+            # after the final-metric defaults, whose prefix "final_evaluation_s" shares
+            "evaluation_s": _num(record.get("evaluation_s")),
+            "final_evaluation_s": _num(record.get("final_evaluation_s")),
             **final_columns(final),
             **protocol_columns(record.get("final_protocols")),
             "error": record.get("error") or problem or "",

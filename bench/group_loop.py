@@ -10,8 +10,12 @@ diverged); losses and logs are summed per seed on the device. Nothing is read ba
 until a sync point (an evaluation, a checkpoint, a stop, the end). At an evaluation the seeds'
 periodic evaluation runs vectorised too (bench/group_eval.py; on accelerators: see
 `vector_eval`). With `train.compile=true` the
-vectorised loss (and its backward) is compiled, as a single run's loss is; clipping and the
-per-seed Adam stay eager. CUDA graph capture of the whole step is not done (no GPU was lent).
+vectorised loss (and its backward) is compiled, as a single run's loss is. With
+`train.compile_update=true` clipping and every seed's Adam are one compiled function over the
+stacked tensors (bench/group_update.py; on CUDA in "reduce-overhead" mode, i.e. a CUDA graph
+where inductor allows); otherwise they stay eager (the reference). Loss, backward and update are
+still separate graphs: one graph for the whole step, and any CUDA graph, are untested (no GPU
+was lent).
 
 **Divergence rule.** A seed whose loss or gradient norm is not finite at iteration k is frozen
 on the device from k on: its step k and every later one are skipped (parameters, Adam moments
@@ -23,8 +27,10 @@ group drew its noise until the sync point), which does not matter: a diverged ru
 again. The other seeds are untouched by it; when every seed has diverged, the group stops at the
 next sync point.
 
-The noise is still each seed's own torch stream, swapped in per seed (host work per seed and
-iteration; see the report of issue 12 for the counter-based design that removes it).
+The noise (`SeedGroup.draw_members`) follows `train.noise`. `torch` (the default): each seed's
+own torch stream, swapped in per seed (host work per seed and iteration). `counter`: every
+seed's noise in one vectorised call, a hash of (seed, iteration, draw, tensor, element) with no
+generator state (bench/counter_noise.py), the numbers the seed's single run draws in that mode.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch.func import vmap
 from torch.optim.adam import adam
 
 from bench.group_eval import evaluate_seeds
+from bench.group_update import VectorUpdate
 from bench.progress import ProgressFile
 from bench.run_folder import PROGRESS
 from bench.train_loop import batches_per_epoch, epoch_batches
@@ -126,6 +133,12 @@ class GroupLoop:
         self.template = group.loss_template()
         self.params, self.buffers = group.stack_members(members, self.template)
         self.optimiser = group.stacked_optimiser(self.template, self.params, self.trainers)
+        self.update = (
+            VectorUpdate(self.optimiser, self.tc.grad_clip, compiled=True)
+            if self.tc.compile_update
+            else None
+        )
+        self.update_ran = False
         self.loss_fn = vmap(group.functional_loss(self.template), in_dims=(0, 0, 0, 0, None))
         self.compiled: Any = None  # train.compile: the compiled loss, once it has compiled
         self.compile_failed = any("compile_failed" in t.status for t in self.trainers)
@@ -181,23 +194,47 @@ class GroupLoop:
         x = self.batch(it)
         if self.requests is None:
             self.requests = group.noise_requests(self.template, x[0])
-        noises = [group.draw_for(i, self.template, self.requests) for i in self.members]
+        noises = group.draw_members(self.members, it, self.template, self.requests)
         prior = self.trainers[0].prior_prob(it)
-        losses, logs = self._loss(x, _stack_noises(noises), prior)
+        losses, logs = self._loss(x, noises, prior)
         self.optimiser.zero_grad()
         losses.sum().backward()  # seeds share no parameters: each gets its own gradient
-        norms = _clip_per_seed(list(self.params.values()), self.tc.grad_clip)
         loss_values = losses.detach()
-        bad = ~(torch.isfinite(loss_values) & torch.isfinite(norms))
-        newly = bad & (self.bad_at < 0)
+        update = self._update(loss_values)  # train.compile_update: clipping and Adam in one call
+        if update is not None:
+            norms, frozen = update
+            newly = frozen & (self.bad_at < 0)
+        else:
+            norms = _clip_per_seed(list(self.params.values()), self.tc.grad_clip)
+            bad = ~(torch.isfinite(loss_values) & torch.isfinite(norms))
+            newly = bad & (self.bad_at < 0)
+            frozen = (self.bad_at >= 0) | newly
         self.bad_at = torch.where(newly, it, self.bad_at)
         self.bad_values = torch.where(newly, torch.stack([loss_values, norms]), self.bad_values)
-        frozen = self.bad_at >= 0
-        self.optimiser.step(frozen.to(torch.float32))
+        if update is None:
+            self.optimiser.step(frozen.to(torch.float32))
         self._add_logs(loss_values, logs, ~frozen)
         self.it = it + 1
         self._progress()
         self._maybe_sync()
+
+    def _update(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(norms, frozen) from the compiled clip + Adam; None when it is off or has failed
+        to compile (then the group says why and uses the eager reference from then on)."""
+        if self.update is None:
+            return None
+        try:
+            out = self.update(losses, self.bad_at >= 0)
+        except Exception as err:  # torch raises many types from its compiler stack
+            if self.update_ran:
+                raise
+            log.warning("seeds %s: train.compile_update failed (%s: %s); clipping and Adam run "
+                        "eagerly instead", self.seeds, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+            self.update = None
+            return None
+        self.update_ran = True
+        return out
 
     def _loss(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple:
         """Every seed's (loss, logs): vmap of the loss, compiled with `train.compile` (as a
@@ -259,14 +296,20 @@ class GroupLoop:
         trainer evaluates itself) if that cannot run, as for an estimator vmap refuses."""
         if not self.vector_eval:
             return {}
+        start = time.perf_counter()
         try:
-            return dict(zip(live, evaluate_seeds(self, live), strict=True))
+            results = evaluate_seeds(self, live)
         except Exception as err:  # vmap raises several types for unsupported code
             log.warning("seeds %s: the vectorised evaluation failed (%s: %s); each seed is "
                         "evaluated on its own from now on", self.seeds, type(err).__name__,
                         err)  # fmt: skip
             self.vector_eval = False
             return {}
+        finally:  # each seed's share of the time (result.json's evaluation_s)
+            share = (time.perf_counter() - start) / len(live)
+            for j in live:
+                self.trainers[j].evaluation_s += share
+        return dict(zip(live, results, strict=True))
 
     def sync(self, evaluate: bool, checkpoint: bool) -> None:
         """Read the device's flags and sums, bring each seed's trainer up to date, then

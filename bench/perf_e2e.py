@@ -7,9 +7,11 @@ It runs run_all.py's own `main` in this process (`--cluster debug`: one job afte
 `run_all.py --cluster debug` does) on a fresh results folder under `--out`, and reports the
 grid's seed-iterations per second over the whole wall time (start-up, data, training, periodic
 and final evaluations, checkpoints, result files and the report), with the time spent in
-evaluations (`Trainer.evaluate`, periodic and final), in checkpoints and in the training loops
-(`RunLoop.run`, `GroupLoop.run`: the periodic evaluations and checkpoints are inside them), each
-as a share of the wall time. Writes `perf_e2e.json` beside perf.json.
+evaluations (from each run's result.json: `evaluation_s` periodic, `final_evaluation_s` final,
+summed over the runs; a seed group's vectorised evaluations are shared among its seeds, so the
+sum is the time spent), in checkpoints and in the training loops (`RunLoop.run`,
+`GroupLoop.run`: the periodic evaluations and checkpoints are inside them), each as a share of
+the wall time. Writes `perf_e2e.json` beside perf.json.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ import torch
 
 from bench.group_loop import GroupLoop
 from bench.provenance import device_name
-from bench.run_folder import RESULT, read_result
+from bench.run_folder import RESULT, TIME_FIELDS, read_result
 from bench.storage import atomic_write_json
 from bench.train_loop import RunLoop
 from bench.trainer import Trainer
 
 TIMED: dict[str, list[tuple[type, str]]] = {
-    "evaluation_s": [(Trainer, "evaluate")],
     "checkpoint_s": [(Trainer, "save_checkpoint")],
     "training_loop_s": [(RunLoop, "run"), (GroupLoop, "run")],
 }
@@ -71,6 +72,14 @@ def _timed(real: Callable, key: str, totals: dict[str, float], depth: list[int])
     return wrapper
 
 
+def evaluation_seconds(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds in periodic and final evaluations, and both, summed over the runs' result
+    records (runs without the fields, from before they were recorded, count 0)."""
+    periodic, final = (sum(float(r.get(k) or 0.0) for r in runs) for k in TIME_FIELDS[1:])
+    return {"periodic_evaluation_s": periodic, "final_evaluation_s": final,
+            "evaluation_s": periodic + final}  # fmt: skip
+
+
 def grid_argv(variants: list[str], args: argparse.Namespace, results: Path) -> list[str]:
     """The run_all.py command line of the timed grid."""
     argv = ["--cluster", "debug", "--profile", args.profile, "--seeds", args.seeds,
@@ -99,6 +108,7 @@ def end_to_end(variants: list[str], args: argparse.Namespace, out: Path) -> int:
     wall = time.perf_counter() - start
     runs = [read_result(path.parent)[0] or {} for path in sorted(results.rglob(RESULT))]
     seed_iterations = sum(int(r.get("iterations") or 0) for r in runs)
+    totals.update(evaluation_seconds(runs))
     row = {
         "command": "run_all.py " + " ".join(argv),
         "exit_code": code,
@@ -117,6 +127,8 @@ def end_to_end(variants: list[str], args: argparse.Namespace, out: Path) -> int:
     }
     atomic_write_json(out / "perf_e2e.json", row)
     print(json.dumps(row, indent=2))
+    shares = [row[k + "evaluation_share"] for k in ("", "periodic_", "final_")]
+    print("evaluation: {:.1%} of the wall time (periodic {:.1%}, final {:.1%})".format(*shares))
     if code != 0:
         print(f"run_all.py exited with {code}; see the log above")
     return code

@@ -9,7 +9,12 @@ result.json and metrics.jsonl are read and written only through these functions:
 - `result.json` (`RESULT`): one writer, `write_result`, which adds that identity (and the
   command, to the provenance) to whatever record it is given: the trainer's complete record,
   or a record of a run that did not complete, built by `failure_record` (the worker's error,
-  timeout and interruption records, the launcher's records of jobs that died).
+  timeout and interruption records, the launcher's records of jobs that died). A complete
+  record's time fields (`TIME_FIELDS`): `wall_time_s` training seconds, `evaluation_s` seconds
+  of the periodic evaluations, `final_evaluation_s` of the final one (the reference protocols'
+  included), all over every session of the run and disjoint; in a seed group each seed records
+  the group's training time, and its share (the time divided by the seeds evaluated together)
+  of a vectorised evaluation's.
 - `metrics.jsonl` (`METRICS`): one line per evaluation, appended by the trainer
   (`append_evaluation`), cut back to a checkpoint on resume (`keep_evaluations`).
 
@@ -50,6 +55,9 @@ LOCK = ".lock"  # flock held by the worker training the run; holds its pid and h
 
 FILE_NAMES = (CONFIG, METRICS, PROGRESS, CHECKPOINT, PREVIOUS_CHECKPOINT, MODEL_FILE,
               SAMPLES_FILE, IDENTITY, RESULT, ATTEMPTS, SUBMISSION, LOCK)  # fmt: skip
+
+# A complete result's seconds: training, periodic evaluations, final evaluation (see above).
+TIME_FIELDS = ("wall_time_s", "evaluation_s", "final_evaluation_s")
 
 # Statuses of a result.json: complete (the trainer), or a run that did not complete.
 FAILED = ("error", "timeout")
@@ -133,6 +141,12 @@ def write_result(run_dir: Path, record: Mapping[str, Any]) -> dict[str, Any]:
             f"{Path(run_dir) / RESULT}: status must be one of complete, "
             f"{', '.join(NOT_COMPLETED)}; got {record.get('status')!r}"
         )
+    for key in TIME_FIELDS:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, int | float) and value >= 0):
+            raise ValueError(
+                f"{Path(run_dir) / RESULT}: {key} must be a number of seconds >= 0, got {value!r}"
+            )
     identity = read_identity(run_dir)
     command = identity.pop("command", None)
     out = {**identity, **record}

@@ -26,7 +26,9 @@ RUN_SCHEMA: dict[str, Any] = {
     "diverged_at": NAN,
     "iterations": NAN,
     "target_iterations": NAN,
-    "wall_time_s": NAN,
+    "wall_time_s": NAN,  # training only
+    "evaluation_s": NAN,  # periodic evaluations (a group's vectorised time split over its seeds)
+    "final_evaluation_s": NAN,  # the final evaluation, reference protocols included
     "iterations_to_target": NAN,
     "final_count_accuracy": NAN,
     **{f"final_count_accuracy_{k}": NAN for k in COUNTS},

@@ -3,8 +3,10 @@
 One AIR seed leaves a GPU mostly idle; stacking S seeds' parameters along a leading axis and
 running the loss under `torch.func.vmap` turns S small problems into one S-times larger one.
 Each seed keeps everything a separate run has: its initialisation (built exactly as its own run
-builds it), its data order (`batch_indices(seed, ...)`), its random stream (each seed's RNG
-state is swapped in to draw that seed's noise, in the same order as its own run would), and its
+builds it), its data order (`batch_indices(seed, ...)`), its random stream (`train.noise:
+torch`: each seed's RNG state is swapped in to draw that seed's noise, in the same order as its
+own run would; `counter`: all seeds' noise in one vectorised call, a pure function of (seed,
+iteration, draw, tensor, element) that its own run computes too: bench/counter_noise.py), and its
 optimiser state (one Adam per seed on its slice of the stacked tensors: `SeedAdam`, torch's
 fused kernel, so a diverged seed's step can be skipped on the device).
 Results stay one folder per seed, in the single-run format: a group can be resumed seed by seed
@@ -12,7 +14,8 @@ and vice versa, and each seed's numbers equal its separate run's up to float rou
 
 The loop itself is bench/group_loop.py (`GroupLoop`: the device-resident loop, with the rule
 for a seed that diverges between two sync points) and its periodic evaluation, vectorised over
-the seeds, bench/group_eval.py.
+the seeds, bench/group_eval.py; the final evaluation of the seeds that finish together is
+vectorised the same way (bench/group_final.py).
 
 Like a Trainer, a group honours `stop_requested` (set by the worker on the scheduler's timeout
 signal): every seed is checkpointed after the current iteration and `run` returns partial
@@ -32,6 +35,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from bench.config import RunConfig, config_hash
+from bench.counter_noise import CounterNoise
+from bench.group_final import final_evaluations
 from bench.group_loop import GroupLoop, SeedAdam, _stack_noises
 from bench.train_setup import rng_state, set_rng_state
 from bench.trainer import Datasets, Trainer, load_datasets
@@ -86,6 +91,7 @@ class SeedGroup:
         self.trainers: list[Trainer] = []
         self.rng: list[dict[str, Any]] = []  # each seed's RNG states, as its own run has them
         self._stop_requested = False
+        self._counter: tuple[tuple[int, ...], CounterNoise] | None = None  # train.noise=counter
         for cfg in cfgs:
             trainer = Trainer(cfg, data=self.data)  # builds and initialises from cfg.seed
             trainer.prepare()  # restores its checkpoint (and its RNG states) if it has one
@@ -125,13 +131,14 @@ class SeedGroup:
                     self._train_alone(i)
             if self.stop_requested:
                 break
-        return [self._finish(t) for t in self.trainers]
+        finals = final_evaluations(self)  # vectorised where the periodic one is (group_final)
+        return [self._finish(t, finals.get(i)) for i, t in enumerate(self.trainers)]
 
-    def _finish(self, trainer: Trainer) -> dict[str, Any]:
+    def _finish(self, trainer: Trainer, given: dict | None) -> dict[str, Any]:
         # After a stop, no final evaluation is started: S of them could outlast the grace time.
         if trainer.needs_training() or self.stop_requested:
             return {"status": "partial", "iteration": trainer.iteration}
-        return trainer.finish()
+        return trainer.finish(**(given or {}))  # given: the vectorised final evaluations
 
     # ------------------------------------------------------------------ strategies
     def _train_alone(self, i: int) -> None:
@@ -215,6 +222,22 @@ class SeedGroup:
         if "cuda" in state:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return noise
+
+    def draw_members(
+        self, members: list[int], iteration: int, template: _LossModule, requests: list[int]
+    ) -> list[tuple]:
+        """The noise of seeds `members` at `iteration`: per draw, (pres, where, what) stacked
+        along the seed axis. `train.noise=counter`: one vectorised call for every seed
+        (bench/counter_noise.py); `torch`: each seed's own stream in turn (`draw_for`)."""
+        if self.cfg.train.noise != "counter":
+            return _stack_noises([self.draw_for(i, template, requests) for i in members])
+        seeds = tuple(self.trainers[i].cfg.seed for i in members)
+        if self._counter is None or self._counter[0] != seeds:
+            self._counter = (seeds, CounterNoise(seeds, self.device))
+        cfg = template.model.cfg
+        draws = self._counter[1].draws(iteration, requests, cfg.max_steps, cfg.z_what_dim,
+                                       torch.get_default_dtype())  # fmt: skip
+        return [(n.pres, n.where, n.what) for n in draws]
 
     def _named_modules(self, trainer: Trainer) -> _LossModule:
         return _LossModule(trainer.model, trainer.estimator)

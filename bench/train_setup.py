@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bench.config import RunConfig
+from bench.counter_noise import TrainingNoise
 from bench.run_folder import CHECKPOINT, PREVIOUS_CHECKPOINT
 from bench.variants import ensure_registered
 from implementations.core.estimators import Estimator
@@ -96,15 +97,23 @@ def load_checkpoint(run_dir: Path, expected_hash: str | None) -> dict[str, Any] 
     return None
 
 
-def compile_loss(estimator: Estimator, model: AIR, device: torch.device) -> Any:
+def compile_loss(
+    estimator: Estimator, model: AIR, device: torch.device, noise: TrainingNoise | None = None
+) -> Any:
     """`estimator.loss` under torch.compile: (images, prior as a 0-d tensor) -> (loss, logs).
 
     `fallback_random` makes the compiled graph draw its noise with torch's own generator, in
     the same order as the eager code: the same seed gives the same samples either way, and a
     resumed run (whose checkpoint holds that generator's state) continues the same stream.
+    With `noise` (train.noise=counter) it takes a third input, the step's noise tensors
+    (`TrainingNoise.given`), which the model's draws answer from.
     """
 
-    def loss_and_logs(x: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss_and_logs(
+        x: torch.Tensor, prior: torch.Tensor, noises: list[tuple] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        if noise is not None and noises is not None:
+            noise.load(noises)
         out = estimator.loss(model, x, prior)
         return out.loss, out.logs
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ import torch
 
 from bench import metrics
 from bench.config import RunConfig, config_hash, to_yaml
-from bench.data.protocols import reference_mismatch, reference_test_set
+from bench.counter_noise import TrainingNoise
 from bench.data.registry import ObjectImages, check_loaded, get_dataset
 from bench.evaluate import evaluate
 from bench.model_file import save_final_model
+from bench.protocol_sets import protocol_plan, protocol_test_set
 from bench.provenance import provenance
 from bench.run_folder import (
     CHECKPOINT,
@@ -102,6 +105,7 @@ class Trainer:
         self.train_images = torch.as_tensor(self.data.train.images)  # uint8, converted per batch
         self.iteration = 0  # iterations completed
         self.elapsed = 0.0  # training seconds over all sessions of this run
+        self.evaluation_s = 0.0  # seconds of periodic evaluations, all sessions (result.json)
         self.status: dict[str, Any] = {}
         self.running: dict[str, float] = {}  # sums of training logs since the last evaluation
         self.start_iteration = 0  # where this session began (the checkpoint's iteration)
@@ -109,6 +113,8 @@ class Trainer:
         # return a partial result, so a requeued job resumes exactly where this one stopped.
         self.stop_requested = False
         self._compiled_loss: Any = None  # train.compile: set once the first call has compiled
+        # train.noise=counter: the model's training draws become a function of (seed, iteration)
+        self.noise = TrainingNoise(self.model, cfg.seed) if cfg.train.noise == "counter" else None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> None:
@@ -121,6 +127,7 @@ class Trainer:
             {
                 "iteration": self.iteration,
                 "elapsed": self.elapsed,
+                "evaluation_s": self.evaluation_s,
                 "config_hash": self.hash,
                 "model": self.model.state_dict(),
                 "estimator": self.estimator.state_dict(),
@@ -138,6 +145,7 @@ class Trainer:
         set_rng_state(ckpt["rng"], self.device)
         self.iteration = ckpt["iteration"]
         self.elapsed = ckpt["elapsed"]
+        self.evaluation_s = ckpt.get("evaluation_s", 0.0)  # older checkpoints: not recorded
         self.status = ckpt.get("status", {})
         self.running = ckpt.get("running", {})
         # Evaluations written after this checkpoint will be written again, identically.
@@ -212,12 +220,13 @@ class Trainer:
         The parameters are left untouched when the loss or the gradient is not finite (the
         caller records the divergence). `bench.perf` times exactly this.
         """
-        compiled = self._compiled_loss_and_logs(x, prior_prob)
-        if compiled is None:
-            out = self.estimator.loss(self.model, x, prior_prob)
-            loss, logs = out.loss, out.logs
-        else:
-            loss, logs = compiled
+        with self.noise.at(self.iteration) if self.noise else nullcontext():
+            compiled = self._compiled_loss_and_logs(x, prior_prob)
+            if compiled is None:
+                out = self.estimator.loss(self.model, x, prior_prob)
+                loss, logs = out.loss, out.logs
+            else:
+                loss, logs = compiled
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = self._clip()
@@ -237,17 +246,21 @@ class Trainer:
         # The prior as a tensor: a float would be baked into the graph (one recompile per
         # value of an annealed prior).
         prior = torch.tensor(prior_prob, device=self.device)
+        # Counter noise goes in as tensors computed here: the iteration is no graph constant.
+        args = () if self.noise is None else (self.noise.given(x, self.estimator, prior),)
         if self._compiled_loss is not None:
-            return self._compiled_loss(x, prior)
-        compiled = compile_loss(self.estimator, self.model, self.device)
+            return self._compiled_loss(x, prior, *args)
+        compiled = compile_loss(self.estimator, self.model, self.device, self.noise)
         try:  # the first call compiles: a missing C++ compiler, say, shows up here
-            result = compiled(x, prior)
+            result = compiled(x, prior, *args)
         except Exception as err:  # torch raises many types from its compiler stack
             log.warning(
                 "%s: train.compile failed (%s: %s); training eagerly instead (same maths)",
                 self.run_dir, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
             )  # fmt: skip
             self.status["compile_failed"] = f"{type(err).__name__}: {err}"[:2000]
+            if self.noise is not None:
+                self.noise.queue.clear()  # the eager step draws its own, from draw 0
             return None
         self._compiled_loss = compiled
         return result
@@ -278,7 +291,9 @@ class Trainer:
         vectorised one) and append the record to metrics.jsonl."""
         ev = self.cfg.eval
         if result is None:
+            start = time.perf_counter()
             result = self.evaluate(self.cfg.train.eval_images, ev.periodic_iw_samples)
+            self.evaluation_s += time.perf_counter() - start
         n = max(running.get("n", 1.0), 1.0)
         record = {
             "iteration": self.iteration,
@@ -296,7 +311,12 @@ class Trainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ result
-    def finish(self) -> dict[str, Any]:
+    def finish(
+        self, final: dict | None = None, final_s: float = 0.0, protocols: dict | None = None
+    ) -> dict[str, Any]:
+        """Final evaluations, result.json, model.pt. `final` (the main final evaluation) and
+        `protocols` (by name) computed elsewhere, as a seed group's vectorised ones, and
+        `final_s` this run's share of their seconds; what is not given is evaluated here."""
         cfg, ev = self.cfg, self.cfg.eval
         history = read_evaluations(self.run_dir)
         # Converged means: the sampled count accuracy on test images of the counts the run
@@ -304,12 +324,20 @@ class Trainer:
         accs = [r.get("count_accuracy_in_distribution", r["count_accuracy"]) for r in history]
         its = [r["iteration"] for r in history]
         diverged_at = self.status.get("diverged_at")
-        final = None
+        given = [m.get("iw_samples", 0) for m in [final, *(protocols or {}).values()] if m]
+        if given and (diverged_at is not None or set(given) != {ev.iw_samples}):
+            raise ValueError(
+                f"{self.run_dir}: finish(final=...) takes a final evaluation (K = "
+                f"eval.iw_samples = {ev.iw_samples}) of a run not diverged"
+            )
         if diverged_at is None:
-            log.info("%s: final evaluation on %d images (K=%d)", self.run_dir.name,
-                     ev.final_images, ev.iw_samples)  # fmt: skip
-            final = self.evaluate(ev.final_images, ev.iw_samples, ev.iw_images)
-            protocols = self._evaluate_protocols()
+            start = time.perf_counter()
+            if final is None:
+                log.info("%s: final evaluation on %d images (K=%d)", self.run_dir.name,
+                         ev.final_images, ev.iw_samples)  # fmt: skip
+                final = self.evaluate(ev.final_images, ev.iw_samples, ev.iw_images)
+            protocols = self._evaluate_protocols(protocols or {})
+            final_s += time.perf_counter() - start
             converged = metrics.is_converged(accs, ev.converged_accuracy, ev.converged_evals)
             outcome = "converged" if converged else "not_converged"
         else:
@@ -320,6 +348,8 @@ class Trainer:
             "diverged_at": diverged_at,
             "iterations": self.iteration,
             "wall_time_s": self.elapsed,
+            "evaluation_s": self.evaluation_s,
+            "final_evaluation_s": final_s,
             "iterations_to_target": metrics.iterations_to_target(its, accs, ev.converged_accuracy),
             "final": final,
             "final_protocols": protocols,
@@ -339,21 +369,21 @@ class Trainer:
             (self.run_dir / name).unlink(missing_ok=True)
         return result
 
-    def _evaluate_protocols(self) -> dict[str, dict]:
+    def _evaluate_protocols(self, given: dict[str, dict]) -> dict[str, dict]:
         """Final metrics on each reference protocol's test images (`data.reference_protocols`),
-        so that a published row is compared on the test set it was measured on."""
+        so that a published row is compared on the test set it was measured on; `given`: those
+        already computed, by protocol."""
         out: dict[str, dict] = {}
-        cfg, ev = self.cfg, self.cfg.eval
-        for name in cfg.data.reference_protocols:
-            if name not in get_dataset(cfg.data.name).protocols:  # asked for by the variant
-                out[name] = {"skipped": f"data set {cfg.data.name!r} has no protocol {name!r}"}
+        ev = self.cfg.eval
+        for name, skipped in protocol_plan(self.cfg).items():
+            if skipped is not None:  # say so in the result rather than fail the run
+                log.info("%s: protocol %s skipped: %s", self.run_dir.name, name, skipped)
+                out[name] = {"skipped": skipped}
                 continue
-            mismatch = reference_mismatch(cfg.data, cfg.model.canvas)
-            if mismatch is not None:  # say so in the result rather than fail the run
-                log.info("%s: protocol %s skipped: %s", self.run_dir.name, name, mismatch)
-                out[name] = {"skipped": mismatch}
+            if name in given:
+                out[name] = given[name]
                 continue
-            test = reference_test_set(cfg.data, name, n=ev.final_images, canvas=cfg.model.canvas)
+            test = protocol_test_set(self.cfg, name)
             log.info("%s: final evaluation on protocol %s (%d images)", self.run_dir.name, name,
                      min(ev.final_images, len(test)))  # fmt: skip
             out[name] = self.evaluate(ev.final_images, ev.iw_samples, ev.iw_images, test=test)

@@ -658,6 +658,8 @@ def _fake_run(root: Path, variant: str, seed: int, evals: int, status: str = "co
         "outcome": "converged",
         "iterations": 100,
         "wall_time_s": 5.0,
+        "evaluation_s": 0.5,
+        "final_evaluation_s": 1.25,
         "final": {
             "count_accuracy": 0.99,
             "count_accuracy_2": 0.97,
@@ -697,6 +699,7 @@ def test_gather_tables_and_unreadable_files(tmp_path: Path) -> None:
     assert pd.isna(runs.loc[("a", 0), "final_count_accuracy_3"])
     assert json.loads(runs.loc[("a", 0), "final_confusion"]) == [[1, 0], [0, 1]]
     assert runs.loc[("a", 0), "target_iterations"] == 100
+    assert runs.loc[("a", 0), ["evaluation_s", "final_evaluation_s"]].tolist() == [0.5, 1.25]
     assert runs.loc[("a", 1), "status"] == "error" and "boom" in runs.loc[("a", 1), "error"]
     assert runs.loc[("b", 0), "status"] == "partial"  # unreadable result: flagged, not raised
     assert "unreadable" in runs.loc[("b", 0), "error"]
