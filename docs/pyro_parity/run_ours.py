@@ -13,8 +13,6 @@ sample of the inference network per image (`model(x, prior, sample=True).counts(
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from bench.trainer import batch_indices, build, compile_loss  # noqa: E402
 from implementations.core.priors import prior_prob_at  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_pyro import accuracy_row, held_out, train_images  # noqa: E402
+from run_pyro import accuracy_row, held_out, train_images, write_rows  # noqa: E402
 
 FIELDS = ["impl", "seed", "iteration", "count_accuracy", "acc_0", "acc_1", "acc_2", "mean_count",
           "mode_count_accuracy", "elbo_batch", "baseline_mse", "wall_s"]  # fmt: skip
@@ -127,21 +125,11 @@ def main() -> None:
                    "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
             run_elbo, run_mse, n = 0.0, 0.0, 0
             rows.append(row)
-            write_rows(args.out, rows)
+            write_rows(args.out, rows, FIELDS)
             print(f"{args.label} seed {args.seed} it {done} acc {acc['count_accuracy']:.3f} "
                   f"(0/1/2: {acc['acc_0']:.2f}/{acc['acc_1']:.2f}/{acc['acc_2']:.2f}) mode "
                   f"{row['mode_count_accuracy']:.3f} bl_mse {row['baseline_mse']:.0f} "
                   f"t {row['wall_s']}s", flush=True)  # fmt: skip
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

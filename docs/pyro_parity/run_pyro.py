@@ -64,12 +64,12 @@ def accuracy_row(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return row
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
     """Atomic CSV write (the file is rewritten after every evaluation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, fields)
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
