@@ -172,10 +172,12 @@ def benchmark_groups(
     warmup: int,
     data: Datasets,
     scratch: Path,
+    csv_path: Path | None = None,
 ) -> list[dict]:
     """Seed-iterations per second when S seeds of `name` train together: the time of the
     group's iteration as it trains (`GroupLoop.iteration`: gather, noise, vectorised loss,
-    backward, per-seed clipping, per-seed Adam, divergence flags and log sums)."""
+    backward, per-seed clipping, per-seed Adam, divergence flags and log sums). With
+    `csv_path`, the table so far is written after each size (a killed benchmark keeps them)."""
     from bench.group_loop import GroupLoop
     from bench.seedgroup import SeedGroup
 
@@ -195,10 +197,12 @@ def benchmark_groups(
         rows.append({"variant": name, "seeds": size, "median_ms_per_step": 1000 * step,
                      "seed_iterations_per_s": size / step,
                      "peak_memory_mb": _peak_memory_mb(device)})  # fmt: skip
+        rows[-1]["speedup_vs_first"] = (
+            rows[-1]["seed_iterations_per_s"] / rows[0]["seed_iterations_per_s"]
+        )
         shutil.rmtree(folder, ignore_errors=True)
-    base = rows[0]["seed_iterations_per_s"] if rows else 1.0
-    for row in rows:
-        row["speedup_vs_first"] = row["seed_iterations_per_s"] / base
+        if csv_path is not None:
+            atomic_write_text(csv_path, pd.DataFrame(rows).to_csv(index=False))
     return rows
 
 
@@ -345,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.group_sizes:
         groups = benchmark_groups(names[0], args.overrides, device, args.group_sizes,
-                                  args.iterations, args.warmup, data, out)  # fmt: skip
+                                  args.iterations, args.warmup, data, out,
+                                  out / "perf_groups.csv")  # fmt: skip
         group_table = pd.DataFrame(groups)
-        atomic_write_text(out / "perf_groups.csv", group_table.to_csv(index=False))
         print(group_table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
 
