@@ -49,6 +49,7 @@ from bench.group_update import VectorUpdate
 from bench.progress import ProgressFile
 from bench.run_folder import PROGRESS
 from bench.train_loop import batches_per_epoch, epoch_batches
+from bench.train_setup import compile_error, device_options
 
 if TYPE_CHECKING:
     from bench.seedgroup import SeedGroup
@@ -230,7 +231,7 @@ class GroupLoop:
                 raise
             log.warning("seeds %s: train.compile_update failed (%s: %s); clipping and Adam run "
                         "eagerly instead", self.seeds, type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+                        compile_error(err))  # fmt: skip
             self.update = None
             return None
         self.update_ran = True
@@ -246,14 +247,12 @@ class GroupLoop:
         prior_t = torch.tensor(prior, device=self.device)
         if self.compiled is not None:
             return self.compiled(self.params, self.buffers, x, noises, prior_t)
-        options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
-        compiled = torch.compile(self.loss_fn, options=options)
+        compiled = torch.compile(self.loss_fn, options=device_options(self.device))
         try:  # the first call compiles
             out = compiled(self.params, self.buffers, x, noises, prior_t)
         except Exception as err:  # torch raises many types from its compiler stack
             log.warning("seeds %s: train.compile failed (%s: %s); training eagerly instead",
-                        self.seeds, type(err).__name__, str(err).splitlines()[0] if str(err)
-                        else "")  # fmt: skip
+                        self.seeds, type(err).__name__, compile_error(err))  # fmt: skip
             for trainer in self.trainers:
                 trainer.status["compile_failed"] = f"{type(err).__name__}: {err}"[:2000]
             self.compile_failed = True

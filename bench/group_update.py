@@ -22,12 +22,11 @@ rounding (tests/test_group_update.py).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from bench.train_setup import device_options
 
 
 def clip_and_adam(
@@ -101,12 +100,10 @@ class VectorUpdate:
         self.compiled = compiled
         if compiled:
             device = self.entries[0][0].device if self.entries else torch.device("cpu")
-            options: dict[str, Any] = {}
-            if device.type == "cuda":
+            if device.type == "cuda":  # torch.compile takes a mode or options, not both
                 self._fn = torch.compile(clip_and_adam, mode="reduce-overhead")
             else:
-                options = {"cpp_wrapper": True}
-                self._fn = torch.compile(clip_and_adam, options=options)
+                self._fn = torch.compile(clip_and_adam, options=device_options(device))
 
     @torch.no_grad()
     def __call__(

@@ -117,12 +117,23 @@ def compile_loss(
         out = estimator.loss(model, x, prior)
         return out.loss, out.logs
 
-    options: dict[str, Any] = {"fallback_random": True}
+    return torch.compile(loss_and_logs, options={"fallback_random": True, **device_options(device)})
+
+
+def device_options(device: torch.device) -> dict[str, Any]:
+    """Inductor options every compiled function of a run gets on `device` (the loss, a seed
+    group's vectorised loss and update)."""
     if device.type == "cpu":
         # A C++ wrapper calls the graph's ~100 kernels and matrix products without a Python
         # frame each: measured 31 -> 26 ms per NVIL step on 2 cores. (CUDA: untested, no GPU.)
-        options["cpp_wrapper"] = True
-    return torch.compile(loss_and_logs, options=options)
+        return {"cpp_wrapper": True}
+    return {}
+
+
+def compile_error(err: BaseException) -> str:
+    """The first line of a compiler error, for the warning that says a run went eager."""
+    text = str(err)
+    return text.splitlines()[0] if text else ""
 
 
 def resolve_device(name: str) -> torch.device:

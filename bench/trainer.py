@@ -49,6 +49,7 @@ from bench.train_loop import RunLoop, batch_indices  # noqa: F401  (batch_indice
 from bench.train_setup import (  # noqa: F401  (build, seed_everything, compile_loss: re-exported)
     CheckpointError,
     build,
+    compile_error,
     compile_loss,
     load_checkpoint,
     resolve_device,
@@ -256,7 +257,7 @@ class Trainer:
         except Exception as err:  # torch raises many types from its compiler stack
             log.warning(
                 "%s: train.compile failed (%s: %s); training eagerly instead (same maths)",
-                self.run_dir, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                self.run_dir, type(err).__name__, compile_error(err),
             )  # fmt: skip
             self.status["compile_failed"] = f"{type(err).__name__}: {err}"[:2000]
             if self.noise is not None:
