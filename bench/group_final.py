@@ -32,16 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def vectorised_final(group: SeedGroup) -> bool:
-    """Whether the group's final evaluation runs vectorised (the periodic one's rule)."""
-    return group.device.type != "cpu" or GroupLoop.vector_eval_on_cpu
-
-
 def final_evaluations(group: SeedGroup) -> dict[int, dict]:
     """{trainer index: `Trainer.finish`'s keyword arguments (final metrics, protocols' metrics,
     its share of the seconds)} of the group's seeds due for their final evaluation, at least two
     at one iteration; {} where it does not apply or fails (each `finish` evaluates its own)."""
-    if group.stop_requested or not vectorised_final(group):
+    if group.stop_requested or not GroupLoop.evaluates_vectorised(group.device):
         return {}
     by_iteration: dict[int, list[int]] = {}
     for i, trainer in enumerate(group.trainers):

@@ -168,8 +168,13 @@ class GroupLoop:
         # The periodic evaluation vectorised over the seeds: on accelerators. On a 2-core CPU it
         # was slower than each seed's own (sparse) evaluation: 4 seeds x 500 images, 1.5-1.9 s
         # against 1.3-1.4 s, so CPUs keep the per-seed one unless this is set (tests do).
-        self.vector_eval = self.device.type != "cpu" or self.vector_eval_on_cpu
+        self.vector_eval = self.evaluates_vectorised(self.device)
         log.info("training seeds %s together from iteration %d", self.seeds, self.it)
+
+    @classmethod
+    def evaluates_vectorised(cls, device: torch.device) -> bool:
+        """Whether a group's evaluations (periodic and final) run vectorised on `device`."""
+        return device.type != "cpu" or cls.vector_eval_on_cpu
 
     # ------------------------------------------------------------------ the loop
     def more(self) -> bool:
