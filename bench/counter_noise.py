@@ -229,30 +229,33 @@ class TrainingNoise:
         if self.iteration is None:
             raise RuntimeError("TrainingNoise.given must be called inside `at(iteration)`")
         if x.shape[0] not in self._requests:
-            self._requests[x.shape[0]] = self._dry_run(x, estimator, prior)
+            self._requests[x.shape[0]] = draw_sizes(self.model, estimator, x, prior)
         cfg, requests = self.model.cfg, self._requests[x.shape[0]]
         noise = self.counter(x.device).draws(self.iteration, requests, cfg.max_steps,
                                              cfg.z_what_dim, x.dtype)  # fmt: skip
         return [(n.pres[0], n.where[0], n.what[0]) for n in noise]
 
-    def _dry_run(
-        self, x: torch.Tensor, estimator: torch.nn.Module, prior: float | torch.Tensor
-    ) -> list[int]:
-        del self.model.draw_noise  # not copied along
-        try:
-            model, twin_estimator = copy.deepcopy((self.model, estimator))
-        finally:
-            self.model.draw_noise = self  # type: ignore[method-assign]
-        requests: list[int] = []
-        cfg = model.cfg
 
-        def record(batch: int, device: torch.device, dtype: torch.dtype) -> Noise:
-            requests.append(batch)
-            (noise,) = self.counter(device).draws(0, [batch], cfg.max_steps, cfg.z_what_dim,
-                                                  dtype)  # fmt: skip
-            return Noise(noise.pres[0], noise.where[0], noise.what[0])
+def draw_sizes(
+    model: AIR, estimator: torch.nn.Module, x: torch.Tensor, prior: float | torch.Tensor
+) -> list[int]:
+    """Batch sizes of the noise draws one loss evaluation on `x` makes, in order: a dry run on
+    copies of `model` and `estimator` (whose buffers a loss may update), drawing from a forked
+    torch generator, so neither the originals nor any random stream are touched."""
+    given = model.__dict__.pop("draw_noise", None)  # an instance's own draws: not copied along
+    try:
+        twin, twin_estimator = copy.deepcopy((model, estimator))
+    finally:
+        if given is not None:
+            model.draw_noise = given  # type: ignore[method-assign]
+    requests: list[int] = []
 
-        model.draw_noise = record  # type: ignore[method-assign]
-        with torch.no_grad():
-            twin_estimator.loss(model, x, prior)
-        return requests
+    def record(batch: int, device: torch.device, dtype: torch.dtype) -> Noise:
+        requests.append(batch)
+        return AIR.draw_noise(twin, batch, device, dtype)
+
+    twin.draw_noise = record  # type: ignore[method-assign]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        twin_estimator.loss(twin, x, prior)
+    return requests

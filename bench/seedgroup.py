@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from bench.config import RunConfig, config_hash
-from bench.counter_noise import CounterNoise
+from bench.counter_noise import CounterNoise, draw_sizes
 from bench.group_final import final_evaluations
 from bench.group_loop import GroupLoop, SeedAdam, _stack_noises
 from bench.train_setup import rng_state, set_rng_state
@@ -187,24 +187,7 @@ class SeedGroup:
 
     def noise_requests(self, template: _LossModule, x: torch.Tensor) -> list[int]:
         """Batch sizes of the noise draws one loss evaluation makes, in order (dry run)."""
-        requests: list[int] = []
-        model = template.model
-        given = model.__dict__.get("draw_noise")
-
-        def record(batch: int, device: torch.device, dtype: torch.dtype) -> Noise:
-            requests.append(batch)
-            return AIR.draw_noise(model, batch, device, dtype)
-
-        model.draw_noise = record  # type: ignore[method-assign]
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                template.estimator.loss(model, x, 0.5)
-        finally:
-            if given is None:
-                del model.draw_noise  # back to the class's method
-            else:
-                model.draw_noise = given  # type: ignore[method-assign]
-        return requests
+        return draw_sizes(template.model, template.estimator, x, 0.5)
 
     def _draw(self, template: _LossModule, requests: list[int]) -> list[tuple]:
         dtype = torch.get_default_dtype()
