@@ -26,13 +26,14 @@ import torch
 
 from bench import group_eval, group_final, group_loop
 from bench.counter_noise import CounterNoise, fmix32, hash_bits, uniforms_from_bits
-from bench.group_loop import GroupLoop, SeedAdam, _clip_per_seed
+from bench.group_loop import GroupLoop
 from bench.group_update import VectorUpdate
 from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup
-from bench.storage import read_json_lines
 from bench.trainer import Trainer
 from tests.conftest import needs_mnist
+from tests.test_group_update import SEEDS, _grads, _optimiser, _reference_step, _stacked
+from tests.test_seedgroup import _history
 
 #: The device the tests run on: "cuda" (or "cuda:N"), or "cpu" for a dry run of this file.
 DEVICE = os.environ.get("AIR_CUDA_TESTS_DEVICE", "cuda")
@@ -76,10 +77,6 @@ def _close(want: dict, got: dict, where: str) -> None:
             assert a == b, f"{where}: {key}"
 
 
-def _history(cfg) -> list[dict]:  # noqa: ANN001
-    return read_json_lines(Path(cfg.out_dir) / "metrics.jsonl")
-
-
 def _no_fallback(caplog: pytest.LogCaptureFixture) -> None:
     said = [line for line in caplog.text.splitlines() if any(f in line for f in FALLBACKS)]
     assert not said, "a GPU path fell back to its reference:\n" + "\n".join(said)
@@ -117,42 +114,6 @@ def test_counter_noise_uniforms_are_bit_identical_to_the_cpus() -> None:
 
 
 # ---------------------------------------------------------------------------- clip + Adam
-SEEDS = 3
-
-
-def _stacked(seed: int, device: str) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(SEEDS, 7, 5), (SEEDS, 5), (SEEDS, 11)]
-    return [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
-
-
-def _optimiser(params: list[torch.Tensor]) -> SeedAdam:
-    groups = [
-        {"params": params[:2], "lr": 1e-2, "name": "model"},
-        {"params": params[2:], "lr": 0.1, "name": "baseline"},
-    ]
-    return SeedAdam(groups, SEEDS)
-
-
-def _grads(step: int, params: list[torch.Tensor], bad_seed: int | None) -> None:
-    """The same gradients on every device (drawn on the CPU), a NaN for `bad_seed`."""
-    g = torch.Generator().manual_seed(100 + step)
-    for p in params:
-        grad = torch.randn(p.shape, generator=g) * (1 + step)
-        if bad_seed is not None:
-            grad[bad_seed] = float("nan")
-        p.grad = grad.to(p.device)
-
-
-def _reference_step(
-    params: list[torch.Tensor], opt: SeedAdam, losses: torch.Tensor, frozen: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    norms = _clip_per_seed(params, 1.5)
-    frozen = frozen | ~(torch.isfinite(losses) & torch.isfinite(norms))
-    opt.step(frozen.to(torch.float32))
-    return norms, frozen
-
-
 @needs_compiler_on_cpu
 def test_compiled_vector_update_equals_seed_adam() -> None:
     """As tests/test_group_update.py's first test, on the device: `VectorUpdate` compiled (on

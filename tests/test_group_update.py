@@ -20,10 +20,12 @@ from tests.conftest import needs_mnist
 SEEDS = 3
 
 
-def _stacked(seed: int) -> list[torch.Tensor]:
+def _stacked(seed: int, device: str = "cpu") -> list[torch.Tensor]:
+    """Stacked parameters of SEEDS seeds, the same values on every device (drawn on the CPU);
+    tests/test_cuda.py uses these helpers too."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(SEEDS, 7, 5), (SEEDS, 5), (SEEDS, 11)]
-    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
 
 
 def _optimiser(params: list[torch.Tensor]) -> SeedAdam:
@@ -35,11 +37,13 @@ def _optimiser(params: list[torch.Tensor]) -> SeedAdam:
 
 
 def _grads(step: int, params: list[torch.Tensor], bad_seed: int | None) -> None:
+    """The same gradients on every device (drawn on the CPU), a NaN for `bad_seed`."""
     g = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * (1 + step)
+        grad = torch.randn(p.shape, generator=g) * (1 + step)
         if bad_seed is not None:
-            p.grad[bad_seed] = float("nan")
+            grad[bad_seed] = float("nan")
+        p.grad = grad.to(p.device)
 
 
 def _reference_step(
