@@ -148,10 +148,9 @@ class SeedGroup:
 
     def loss_template(self) -> _LossModule:
         """A model and estimator of the group's config, used as the functional skeleton."""
-        cfg = self.cfg
-        model_cfg = type(cfg.model)(**{**vars(cfg.model), "sparse_images": False})  # no CSR in vmap
+        cfg = self.cfg  # sparse images as in a single run: vmap has a rule for the product
         with torch.random.fork_rng(devices=[]):
-            model = AIR(model_cfg).to(self.device)
+            model = AIR(cfg.model).to(self.device)
             estimator = build_estimator(cfg.estimator, model).to(self.device)
         return _LossModule(model, estimator, given_noise=True)
 
