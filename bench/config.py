@@ -94,6 +94,11 @@ class TrainConfig:
     # where inductor allows: untested, no GPU was lent) instead of one fused Adam kernel per
     # seed. Same maths, float rounding aside. Single runs ignore it.
     compile_update: bool = False
+    # Seed groups: the whole step (loss, backward by torch.func, clipping, Adam) as one compiled
+    # graph (bench/group_step.py; on CUDA "reduce-overhead": one CUDA graph per step where
+    # inductor allows; untested, no GPU was lent). Dense image projection. Same maths, float
+    # rounding aside; on CPU no faster. Single runs ignore it.
+    compile_step: bool = False
 
 
 @dataclass
@@ -308,6 +313,8 @@ def config_hash(cfg: RunConfig, ignore: tuple[str, ...] = ("seed", "out_dir")) -
         d["train"].pop("noise", None)  # the default: the hash it had before the field
     if d["train"].get("compile_update") is False:
         d["train"].pop("compile_update", None)  # likewise
+    if d["train"].get("compile_step") is False:
+        d["train"].pop("compile_step", None)  # likewise
     # Where MNIST and the generated cache live changes no number (both are checksummed).
     d["data"].pop("data_dir", None)
     d["data"].pop("cache_dir", None)

@@ -13,9 +13,10 @@ periodic evaluation runs vectorised too (bench/group_eval.py; on accelerators: s
 vectorised loss (and its backward) is compiled, as a single run's loss is. With
 `train.compile_update=true` clipping and every seed's Adam are one compiled function over the
 stacked tensors (bench/group_update.py; on CUDA in "reduce-overhead" mode, i.e. a CUDA graph
-where inductor allows); otherwise they stay eager (the reference). Loss, backward and update are
-still separate graphs: one graph for the whole step, and any CUDA graph, are untested (no GPU
-was lent).
+where inductor allows); otherwise they stay eager (the reference). With
+`train.compile_step=true` the whole step (loss, backward by torch.func, clipping, Adam) is one
+compiled graph (bench/group_step.py) from the second iteration on; the first runs the reference
+step, which names the parameters a step moves. Every CUDA graph is untested (no GPU was lent).
 
 **Divergence rule.** A seed whose loss or gradient norm is not finite at iteration k is frozen
 on the device from k on: its step k and every later one are skipped (parameters, Adam moments
@@ -42,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.func import vmap
-from torch.optim.adam import adam
 
 from bench.group_eval import evaluate_seeds
-from bench.group_update import VectorUpdate
+from bench.group_step import WholeStep
+from bench.group_update import VectorUpdate, clip_per_seed
 from bench.progress import ProgressFile
 from bench.run_folder import PROGRESS
 from bench.train_loop import batches_per_epoch, epoch_batches
@@ -55,69 +56,6 @@ if TYPE_CHECKING:
     from bench.seedgroup import SeedGroup
 
 log = logging.getLogger(__name__)
-
-
-class SeedAdam:
-    """S independent Adams over tensors stacked along a leading seed axis.
-
-    Each seed's update is torch's fused Adam kernel on its own slice, with its own step count,
-    so a seed's numbers are those of `torch.optim.Adam(fused=True)` on its separate run; a seed
-    is skipped by a flag read on the device (`found_inf`), so skipping needs no host sync.
-    `state[p]` holds `exp_avg`, `exp_avg_sq` (stacked) and `step` (S,), per parameter `p`.
-    """
-
-    def __init__(self, groups: list[dict], n_seeds: int) -> None:
-        defaults = torch.optim.Adam(groups, fused=True).param_groups  # torch's defaults filled
-        self.param_groups = defaults
-        self.n_seeds = n_seeds
-        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p] = {
-                    "step": torch.zeros(n_seeds, dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
-    def zero_grad(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
-    @torch.no_grad()
-    def step(self, skip: torch.Tensor) -> None:
-        """One Adam step per seed; `skip` (S,) float: 1.0 leaves that seed untouched."""
-        for group in self.param_groups:
-            live = [p for p in group["params"] if p.grad is not None]
-            if not live:
-                continue
-            states = [self.state[p] for p in live]
-            per_seed = [
-                [t.unbind(0) for t in (p.detach() for p in live)],
-                [p.grad.unbind(0) for p in live],
-                [s["exp_avg"].unbind(0) for s in states],
-                [s["exp_avg_sq"].unbind(0) for s in states],
-                [s["step"].unbind(0) for s in states],
-            ]
-            beta1, beta2 = group["betas"]
-            for j in range(self.n_seeds):
-                params, grads, avgs, sqs, steps = ([t[j] for t in ts] for ts in per_seed)
-                adam(params, grads, avgs, sqs, [], steps, fused=True, found_inf=skip[j],
-                     amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                     weight_decay=group["weight_decay"], eps=group["eps"],
-                     maximize=group["maximize"])  # fmt: skip
-
-
-def _clip_per_seed(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Clip each seed's gradient by its own global norm, as clip_grad_norm_ does per run."""
-    grads = [p.grad for p in params if p.grad is not None]
-    per_tensor = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (n_tensors, S)
-    norms = per_tensor.norm(dim=0)
-    if max_norm:
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
-    return norms
 
 
 class GroupLoop:
@@ -140,6 +78,9 @@ class GroupLoop:
             else None
         )
         self.update_ran = False
+        self.whole: WholeStep | None = None  # train.compile_step, built at the second step
+        self.whole_ran = self.whole_failed = False
+        self.stepped: list[str] | None = None  # names of the parameters a step moves
         self.loss_fn = vmap(group.functional_loss(self.template), in_dims=(0, 0, 0, 0, None))
         self.compiled: Any = None  # train.compile: the compiled loss, once it has compiled
         self.compile_failed = any("compile_failed" in t.status for t in self.trainers)
@@ -202,27 +143,58 @@ class GroupLoop:
             self.requests = group.noise_requests(self.template, x[0])
         noises = group.draw_members(self.members, it, self.template, self.requests)
         prior = self.trainers[0].prior_prob(it)
-        losses, logs = self._loss(x, noises, prior)
-        self.optimiser.zero_grad()
-        losses.sum().backward()  # seeds share no parameters: each gets its own gradient
-        loss_values = losses.detach()
-        update = self._update(loss_values)  # train.compile_update: clipping and Adam in one call
-        if update is not None:
-            norms, frozen = update
-            newly = frozen & (self.bad_at < 0)
-        else:
-            norms = _clip_per_seed(list(self.params.values()), self.tc.grad_clip)
-            bad = ~(torch.isfinite(loss_values) & torch.isfinite(norms))
-            newly = bad & (self.bad_at < 0)
-            frozen = (self.bad_at >= 0) | newly
+        loss_values, logs, norms, frozen = self._step(x, noises, prior)
+        newly = frozen & (self.bad_at < 0)
         self.bad_at = torch.where(newly, it, self.bad_at)
         self.bad_values = torch.where(newly, torch.stack([loss_values, norms]), self.bad_values)
-        if update is None:
-            self.optimiser.step(frozen.to(torch.float32))
         self._add_logs(loss_values, logs, ~frozen)
         self.it = it + 1
         self._progress()
         self._maybe_sync()
+
+    def _step(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple:
+        """Every seed's loss, gradient, clipping and Adam step: (S,) losses, logs, (S,) gradient
+        norms before clipping, (S,) bool frozen after it (frozen before, or not finite now)."""
+        whole = self._whole_step(x, noises, prior)  # train.compile_step: one graph
+        if whole is not None:
+            return whole
+        losses, logs = self._loss(x, noises, prior)
+        self.optimiser.zero_grad()
+        losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+        if self.stepped is None:  # the parameters a step moves (WholeStep needs them)
+            self.stepped = [n for n, p in self.params.items() if p.grad is not None]
+        loss_values = losses.detach()
+        update = self._update(loss_values)  # train.compile_update: clipping and Adam in one call
+        if update is not None:
+            return loss_values, logs, *update
+        norms = clip_per_seed(list(self.params.values()), self.tc.grad_clip)
+        frozen = (self.bad_at >= 0) | ~(torch.isfinite(loss_values) & torch.isfinite(norms))
+        self.optimiser.step(frozen.to(torch.float32))
+        return loss_values, logs, norms, frozen
+
+    def _whole_step(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple | None:
+        """The step as one compiled graph (bench/group_step.py); None when it is off, before
+        the first (reference) step has named the parameters it moves, or when it has failed to
+        compile (then the group says why and uses the reference step from then on)."""
+        if not self.tc.compile_step or self.whole_failed or self.stepped is None:
+            return None
+        prior_t = torch.tensor(prior, device=self.device)  # a float would be baked in
+        try:
+            if self.whole is None:
+                self.optimiser.zero_grad()  # the reference step's gradients: not needed now
+                self.whole = WholeStep(self.group, self.params, self.optimiser, self.stepped,
+                                       compiled=True)  # fmt: skip
+            out = self.whole(self.buffers, x, noises, prior_t, self.bad_at >= 0)
+        except Exception as err:  # torch raises many types from its compiler stack
+            if self.whole_ran:
+                raise
+            log.warning("seeds %s: train.compile_step failed (%s: %s); the step runs in parts "
+                        "instead", self.seeds, type(err).__name__,
+                        compile_error(err))  # fmt: skip
+            self.whole_failed = True
+            return None
+        self.whole_ran = True
+        return out
 
     def _update(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(norms, frozen) from the compiled clip + Adam; None when it is off or has failed
@@ -245,7 +217,8 @@ class GroupLoop:
     def _loss(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple:
         """Every seed's (loss, logs): vmap of the loss, compiled with `train.compile` (as a
         single run's is; if compilation fails the group says why and stays eager)."""
-        if not self.tc.compile or self.compile_failed:
+        # With compile_step, the one reference step before the whole step's graph stays eager.
+        if not self.tc.compile or self.compile_failed or self.tc.compile_step:
             return self.loss_fn(self.params, self.buffers, x, noises, prior)
         # The prior as a tensor: a float would be baked into the graph (one recompile per
         # value of an annealed prior).

@@ -1,7 +1,7 @@
-"""A seed group's per-seed gradient clipping and Adam as one vectorised (optionally compiled) call.
+"""A seed group's per-seed gradient clipping and Adam.
 
-`SeedAdam` (bench/group_loop.py), the reference, runs torch's fused Adam kernel once per seed
-and parameter group, and `_clip_per_seed` one norm and one scaling per tensor: a few dozen
+The reference is `SeedAdam`, which runs torch's fused Adam kernel once per seed and parameter
+group, after `clip_per_seed`, one norm and one scaling per tensor: a few dozen
 kernel launches and a Python loop over the seeds every iteration, which on a GPU cost more than
 the arithmetic. `VectorUpdate` does the same maths for every seed at once, as plain tensor ops
 over the stacked tensors (the seed axis leads), with the skip of a frozen (diverged) seed as a
@@ -25,8 +25,72 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.adam import adam
 
 from bench.train_setup import device_options
+
+
+class SeedAdam:
+    """S independent Adams over tensors stacked along a leading seed axis.
+
+    Each seed's update is torch's fused Adam kernel on its own slice, with its own step count,
+    so a seed's numbers are those of `torch.optim.Adam(fused=True)` on its separate run; a seed
+    is skipped by a flag read on the device (`found_inf`), so skipping needs no host sync.
+    `state[p]` holds `exp_avg`, `exp_avg_sq` (stacked) and `step` (S,), per parameter `p`.
+    """
+
+    def __init__(self, groups: list[dict], n_seeds: int) -> None:
+        defaults = torch.optim.Adam(groups, fused=True).param_groups  # torch's defaults filled
+        self.param_groups = defaults
+        self.n_seeds = n_seeds
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {
+                    "step": torch.zeros(n_seeds, dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, skip: torch.Tensor) -> None:
+        """One Adam step per seed; `skip` (S,) float: 1.0 leaves that seed untouched."""
+        for group in self.param_groups:
+            live = [p for p in group["params"] if p.grad is not None]
+            if not live:
+                continue
+            states = [self.state[p] for p in live]
+            per_seed = [
+                [t.unbind(0) for t in (p.detach() for p in live)],
+                [p.grad.unbind(0) for p in live],
+                [s["exp_avg"].unbind(0) for s in states],
+                [s["exp_avg_sq"].unbind(0) for s in states],
+                [s["step"].unbind(0) for s in states],
+            ]
+            beta1, beta2 = group["betas"]
+            for j in range(self.n_seeds):
+                params, grads, avgs, sqs, steps = ([t[j] for t in ts] for ts in per_seed)
+                adam(params, grads, avgs, sqs, [], steps, fused=True, found_inf=skip[j],
+                     amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"])  # fmt: skip
+
+
+def clip_per_seed(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip each seed's gradient by its own global norm, as clip_grad_norm_ does per run."""
+    grads = [p.grad for p in params if p.grad is not None]
+    per_tensor = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (n_tensors, S)
+    norms = per_tensor.norm(dim=0)
+    if max_norm:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+    return norms
 
 
 def clip_and_adam(

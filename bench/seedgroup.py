@@ -37,7 +37,8 @@ from torch.func import functional_call, vmap
 from bench.config import RunConfig, config_hash
 from bench.counter_noise import CounterNoise, draw_sizes
 from bench.group_final import final_evaluations
-from bench.group_loop import GroupLoop, SeedAdam, _stack_noises
+from bench.group_loop import GroupLoop, _stack_noises
+from bench.group_update import SeedAdam
 from bench.train_setup import rng_state, set_rng_state
 from bench.trainer import Datasets, Trainer, load_datasets
 from implementations.core.model import AIR, Noise
@@ -146,12 +147,17 @@ class SeedGroup:
         set_rng_state(self.rng[i], self.device)
         trainer.loop(None)
 
-    def loss_template(self) -> _LossModule:
-        """A model and estimator of the group's config, used as the functional skeleton."""
-        cfg = self.cfg  # sparse images as in a single run: vmap has a rule for the product
+    def loss_template(self, dense: bool = False) -> _LossModule:
+        """A model and estimator of the group's config, used as the functional skeleton.
+
+        Its image projection is sparse where a single run's is (vmap has a rule for the sparse
+        product), unless `dense` (torch.func.grad cannot differentiate the sparse custom op)."""
+        model_cfg = self.cfg.model
+        if dense:
+            model_cfg = type(model_cfg)(**{**vars(model_cfg), "sparse_images": False})
         with torch.random.fork_rng(devices=[]):
-            model = AIR(cfg.model).to(self.device)
-            estimator = build_estimator(cfg.estimator, model).to(self.device)
+            model = AIR(model_cfg).to(self.device)
+            estimator = build_estimator(self.cfg.estimator, model).to(self.device)
         return _LossModule(model, estimator, given_noise=True)
 
     def _vectorisable(self) -> bool:

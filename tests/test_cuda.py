@@ -56,6 +56,7 @@ NOT_COMPARED = {"wall_time", "confusion", "evaluation_s", "final_evaluation_s"}
 FALLBACKS = (
     "train.compile failed",
     "train.compile_update failed",
+    "train.compile_step failed",
     "vectorised evaluation failed",
     "vectorised final evaluation failed",
     "cannot be vectorised over seeds",
@@ -167,6 +168,9 @@ COMPILED = [SMALL, "train.noise=counter", "train.grad_clip=1.0", "train.compile_
         pytest.param((0, 1, 2), EAGER, EAGER, id="eager-torch-noise-3-seeds"),
         pytest.param((3, 4), [*COMPILED, "train.compile=true"], [*COMPILED, "train.compile=false"],
                      id="counter-compiled-2-seeds", marks=needs_compiler_on_cpu),
+        pytest.param((5, 6), [*COMPILED, "train.compile=true", "train.compile_step=true"],
+                     [*COMPILED, "train.compile=false"], id="whole-step-compiled-2-seeds",
+                     marks=needs_compiler_on_cpu),
     ],
 )  # fmt: skip
 def test_group_on_the_device_equals_each_seeds_own_run(
@@ -208,7 +212,9 @@ def test_group_on_the_device_equals_each_seeds_own_run(
     _no_fallback(caplog)
     assert len(loops) == 1 and loops[0].device.type == torch.device(DEVICE).type
     loop = loops[0]
-    if "train.compile=true" in group_overrides:
+    if "train.compile_step=true" in group_overrides:  # one graph: loss, backward, update
+        assert loop.whole is not None and loop.whole.compiled and loop.whole_ran
+    elif "train.compile=true" in group_overrides:
         assert loop.compiled is not None and not loop.compile_failed
         assert loop.update is not None and loop.update.compiled and loop.update_ran
     assert evaluated == [4, 8, 12]  # the periodic evaluations were the vectorised ones

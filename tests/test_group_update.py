@@ -1,5 +1,5 @@
 """The vectorised clip + Adam of a seed group (bench/group_update.py) against the reference
-(`_clip_per_seed` then `SeedAdam`, torch's fused Adam once per seed)."""
+(`clip_per_seed` then `SeedAdam`, torch's fused Adam once per seed)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from bench.config import config_hash
-from bench.group_loop import SeedAdam, _clip_per_seed
-from bench.group_update import VectorUpdate
+from bench.group_update import SeedAdam, VectorUpdate, clip_per_seed
 from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer
@@ -49,7 +48,7 @@ def _grads(step: int, params: list[torch.Tensor], bad_seed: int | None) -> None:
 def _reference_step(
     params: list[torch.Tensor], opt: SeedAdam, losses: torch.Tensor, frozen: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    norms = _clip_per_seed(params, 1.5)
+    norms = clip_per_seed(params, 1.5)
     frozen = frozen | ~(torch.isfinite(losses) & torch.isfinite(norms))
     opt.step(frozen.to(torch.float32))
     return norms, frozen

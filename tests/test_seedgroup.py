@@ -151,7 +151,7 @@ def test_one_diverging_seed_does_not_stop_the_others(
     diverged_alone = alone.run()
     monkeypatch.undo()
     cfgs = [tiny_config(f"seed={s}", SMALL, out=f"g{s}") for s in seeds]
-    real_clip, calls = group_loop._clip_per_seed, []
+    real_clip, calls = group_loop.clip_per_seed, []
 
     def nan_for_the_first_seed_at_iteration_5(params, max_norm):  # noqa: ANN001, ANN202
         norms = real_clip(params, max_norm)
@@ -160,7 +160,7 @@ def test_one_diverging_seed_does_not_stop_the_others(
             norms[0] = float("nan")
         return norms
 
-    monkeypatch.setattr(group_loop, "_clip_per_seed", nan_for_the_first_seed_at_iteration_5)
+    monkeypatch.setattr(group_loop, "clip_per_seed", nan_for_the_first_seed_at_iteration_5)
     diverged, other = SeedGroup(cfgs).run()
     assert diverged["status"] == "complete" and diverged["outcome"] == "diverged"
     assert diverged["diverged_at"] == 5 and diverged["final"] is None

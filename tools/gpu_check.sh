@@ -13,6 +13,9 @@
 #   tests     python -m pytest tests/test_cuda.py (the CUDA tests)
 #   perf      bench.perf, air_nvil_fixed: a single run and groups of 16 and 64 seeds, compiled
 #             + counter noise + compiled update (the gpu profile's settings)
+#   perf_step   the same groups with train.compile_step=true (the whole step as one graph, a
+#             CUDA graph where inductor allows): is it faster than perf's? (then the gpu
+#             profile should set it)
 #   e2e       bench.perf --end-to-end: 16 seeds of the gpu profile trained together, a few
 #             hundred iterations, timed whole (its perf_e2e.json feeds the plan of `slice`)
 #   slice     run_all.py --cluster local --profile gpu, 16 seeds of air_nvil_fixed, short
@@ -37,7 +40,7 @@
 # shellcheck disable=SC2016
 set -u
 
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0
 case "${1:-}" in
     "") ;;
@@ -75,7 +78,7 @@ if [ "$DRY" = 1 ]; then
     TINY="$TINY model.decoder_hidden=32 model.z_what_dim=8 train.batch_size=16"
     TINY="$TINY train.eval_images=48 eval.batch_size=48 train.threads=1"
     EVAL=${GPU_CHECK_EVAL:-eval.final_images=48 eval.iw_images=16 eval.iw_samples=3}
-    NOCOMPILE="train.compile=false train.compile_update=false"
+    NOCOMPILE="train.compile=false train.compile_update=false train.compile_step=false"
     export AIR_CUDA_TESTS_DEVICE=cpu OMP_NUM_THREADS=1
 else
     if [ -z "${OUT:-}" ]; then
@@ -109,7 +112,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" "$LOGS" "$RES" || exit 2
 SUMMARY=$LOGS/summary.txt
 : >"$SUMMARY"
-STEPS=${GPU_CHECK_STEPS:-tests perf e2e slice report perf_eager}
+STEPS=${GPU_CHECK_STEPS:-tests perf perf_step e2e slice report perf_eager}
 SKIPPED=""
 LAST_SEED=$((SEEDS - 1))
 
@@ -221,6 +224,8 @@ fi
 COMPILED="train.compile=true train.noise=counter train.compile_update=true"
 step perf 170 90 "\"\$PY\" -m bench.perf -d $DEVICE -v air_nvil_fixed $PERF_N -g $GROUPS_COMPILED \
     -o \"$RES/perf_compiled\" $COMPILED $TINY $NOCOMPILE"
+step perf_step 120 60 "\"\$PY\" -m bench.perf -d $DEVICE -v air_nvil_fixed $PERF_N -g $GROUPS_COMPILED \
+    -o \"$RES/perf_step\" $COMPILED train.compile_step=true $TINY $NOCOMPILE"
 
 # End to end: the gpu profile's settings, all seeds in one group, short; the final evaluation
 # cut (EVAL). Its perf_e2e.json is copied where the slice's plan reads it (<results>/perf/).

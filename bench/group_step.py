@@ -1,0 +1,124 @@
+"""A seed group's whole training step (loss, backward, per-seed clipping, Adam) as one function,
+compiled into one graph with `train.compile_step=true`.
+
+The reference step (bench/group_loop.py) is three pieces: the vectorised loss (compiled with
+`train.compile`), autograd's backward through it, and the update (`SeedAdam`, or one compiled
+call with `train.compile_update`). Here the gradients come from `torch.func` instead
+(`vmap(grad(loss))`: each seed's gradient of its own loss), so the loss, its backward,
+`clip_and_adam` and the divergence flags trace into one graph; on CUDA it is compiled in mode
+"reduce-overhead" (one CUDA graph per step where inductor allows, the parameters and Adam
+moments marked as static addresses). On a GPU that is the point: one launch instead of
+hundreds. It is untested there (no GPU was lent); on CPU it equals the reference step to float
+tolerance (tests/test_group_step.py) and is no faster.
+
+Two rules keep it equal to the reference:
+- the parameters Adam steps are exactly those the reference's backward gave a gradient to
+  (torch.func gives every parameter one, zeros for an unused one, and Adam would move a
+  parameter on zeros), so the loop's first iteration runs the reference step and names them;
+- the image projection is dense: the sparse product is a custom op with its own backward, which
+  `torch.func.grad` cannot differentiate. On GPUs it is dense anyway.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.func import grad, vmap
+
+from bench.group_update import VectorUpdate, clip_and_adam
+from bench.train_setup import device_options
+
+if TYPE_CHECKING:
+    from bench.group_update import SeedAdam
+    from bench.seedgroup import SeedGroup
+
+
+class WholeStep:
+    """Every seed's loss, gradient, clipping and Adam step in one call (compiled if asked)."""
+
+    def __init__(
+        self,
+        group: SeedGroup,
+        params: dict[str, torch.Tensor],
+        optimiser: SeedAdam,
+        stepped: list[str],
+        compiled: bool,
+    ) -> None:
+        """`stepped`: the names of the parameters the reference step gave a gradient to."""
+        template = group.loss_template(dense=True)
+        functional = group.functional_loss(template)
+        self.template = template
+        by_id = {id(p): name for name, p in params.items()}
+        hyper = {by_id[id(p)]: h for p, h in VectorUpdate(optimiser, None, False).entries}
+        unknown = sorted(set(stepped) - hyper.keys())
+        if unknown:
+            raise ValueError(f"parameters {unknown} are in no optimiser group")
+        self.names = [n for n in params if n in set(stepped)]
+        self.hyper = [hyper[n] for n in self.names]
+        self.max_norm = group.cfg.train.grad_clip
+        self.optimiser = optimiser
+        self.params = params
+        self.compiled = compiled
+
+        def seed_loss(p: dict, b: dict, x: torch.Tensor, noise: list, prior: Any) -> tuple:
+            loss, logs = functional(p, b, x, noise, prior)
+            return loss, (loss.detach(), {k: v.detach() for k, v in logs.items()})
+
+        gradients = vmap(grad(seed_loss, has_aux=True), in_dims=(0, 0, 0, 0, None))
+
+        def step(
+            p: dict, b: dict, avgs: list, sqs: list, steps: list, x: torch.Tensor,
+            noises: list, prior: Any, frozen: torch.Tensor,
+        ) -> tuple:  # fmt: skip
+            grads, (losses, logs) = gradients(p, b, x, noises, prior)
+            live = [p[n] for n in self.names]
+            norms, frozen_now = clip_and_adam(live, [grads[n] for n in self.names], avgs, sqs,
+                                              steps, losses, frozen, self.hyper,
+                                              self.max_norm)  # fmt: skip
+            return losses, logs, norms, frozen_now
+
+        self._fn: Any = step
+        if compiled:
+            device = next(iter(params.values())).device
+            if device.type == "cuda":  # torch.compile takes a mode or options, not both
+                for tensor in self._state_tensors():
+                    torch._dynamo.mark_static_address(tensor)
+                self._fn = torch.compile(step, mode="reduce-overhead")
+            else:
+                self._fn = torch.compile(step, options=device_options(device))
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        state = self.optimiser.state
+        out = [p.detach() for p in self.params.values()]
+        for n in self.names:
+            s = state[self.params[n]]
+            out += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
+        return out
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        buffers: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        noises: list[tuple],
+        prior: torch.Tensor,
+        frozen: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """One step of every seed: (S,) losses, logs {name: (S,)}, (S,) gradient norms before
+        clipping, (S,) bool frozen after it (a frozen seed, or one whose loss or gradient norm
+        is not finite now, is left untouched)."""
+        state = self.optimiser.state
+        stacked = [state[self.params[n]] for n in self.names]
+        with torch.enable_grad():  # torch.func.grad needs grad mode; nothing else records
+            return self._fn(
+                {n: p.detach() for n, p in self.params.items()},
+                buffers,
+                [s["exp_avg"] for s in stacked],
+                [s["exp_avg_sq"] for s in stacked],
+                [s["step"] for s in stacked],
+                x,
+                noises,
+                prior,
+                frozen,
+            )
