@@ -105,6 +105,7 @@ class GroupLoop:
             ProgressFile(t.run_dir / PROGRESS, self.tc.iterations, t.iteration)
             for t in self.trainers
         ]
+        self.progress_at = float("-inf")  # when `_progress` last wrote the files
         self.done = False
         # The periodic evaluation vectorised over the seeds: on accelerators. On a 2-core CPU it
         # was slower than each seed's own (sparse) evaluation: 4 seeds x 500 images, 1.5-1.9 s
@@ -248,6 +249,12 @@ class GroupLoop:
         self.counts += live
 
     def _progress(self) -> None:
+        """Each live seed's progress file, at most once per the files' interval: no per-seed
+        host work in the other iterations."""
+        now = time.monotonic()
+        if now - self.progress_at < self.progress[0].interval_s:
+            return
+        self.progress_at = now
         ahead = time.perf_counter() - self.segment_start
         for j, (trainer, progress) in enumerate(zip(self.trainers, self.progress, strict=True)):
             if self.active[j]:

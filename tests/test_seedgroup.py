@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from functools import partialmethod
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from bench import group_loop
 from bench.config import config_hash
 from bench.group_loop import GroupLoop
 from bench.model_file import load_final_model
+from bench.progress import ProgressFile
 from bench.seedgroup import SeedGroup, train_group
 from bench.storage import read_json_lines
 from bench.trainer import Trainer, load_checkpoint
@@ -214,6 +216,30 @@ def test_group_iterations_between_sync_points_never_read_the_device(
     quiet = [(it, r) for it, was_synced, r in per_iteration[1:] if not was_synced]
     assert len(quiet) == 9 and all(r == [] for _, r in quiet), quiet
     assert all(r for _, was_synced, r in per_iteration if was_synced)  # the spy does see reads
+
+
+def test_group_progress_files_cost_no_per_seed_work_between_their_writes(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress files are written at most once per their interval (at the first
+    iteration here, the interval being long), not touched seed by seed every iteration; sync
+    points still force a write for each seed."""
+    cfgs = [tiny_config(f"seed={s}", SMALL, "train.eval_every=6", "train.checkpoint_every=6",
+                        out=f"p{s}") for s in (0, 1, 2)]  # fmt: skip
+    calls: list[tuple[int, bool]] = []
+    real_update = ProgressFile.update
+
+    def update(self, iteration, elapsed_s, force=False):  # noqa: ANN001, ANN202
+        calls.append((iteration, force))
+        return real_update(self, iteration, elapsed_s, force)
+
+    monkeypatch.setattr(ProgressFile, "update", update)
+    monkeypatch.setattr(ProgressFile, "__init__", partialmethod(ProgressFile.__init__,
+                                                                interval_s=1e9))  # fmt: skip
+    SeedGroup(cfgs).run()
+    unforced = [it for it, force in calls if not force]
+    assert unforced == [1, 1, 1], unforced  # one per seed, at the first iteration
+    assert sorted(it for it, force in calls if force) == [6] * 3 + [12] * 3
 
 
 @pytest.mark.slow
