@@ -39,13 +39,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.config import RunConfig, load_config
 from bench.data.registry import check_loaded, get_dataset
+from bench.datasets import Datasets
 from bench.evaluate import to_float_images
 from bench.overrides import OverrideError, check_overrides
 from bench.provenance import device_name
 from bench.runtime import keep_freed_memory
 from bench.storage import atomic_write_json, atomic_write_text
 from bench.train_loop import RunLoop
-from bench.trainer import Datasets, Trainer
+from bench.trainer import Trainer
 from bench.variants import discover
 
 log = logging.getLogger(__name__)

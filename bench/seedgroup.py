@@ -36,11 +36,12 @@ from torch.func import functional_call, vmap
 
 from bench.config import RunConfig, config_hash
 from bench.counter_noise import CounterNoise, draw_sizes
+from bench.datasets import Datasets, load_datasets
 from bench.group_final import final_evaluations
 from bench.group_loop import GroupLoop, _stack_noises
 from bench.group_update import SeedAdam
 from bench.train_setup import rng_state, set_rng_state
-from bench.trainer import Datasets, Trainer, load_datasets
+from bench.trainer import Trainer
 from implementations.core.model import AIR, Noise
 from implementations.registry import build_estimator
 

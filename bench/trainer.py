@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from bench import metrics
 from bench.config import RunConfig, config_hash, to_yaml
 from bench.counter_noise import TrainingNoise
-from bench.data.registry import ObjectImages, check_loaded, get_dataset
+from bench.datasets import Datasets, load_datasets
 from bench.evaluate import evaluate
 from bench.model_file import save_final_model
 from bench.protocol_sets import protocol_plan, protocol_test_set
@@ -60,33 +59,6 @@ from bench.train_setup import (  # noqa: F401  (build, seed_everything, compile_
 from implementations.core.priors import prior_prob_at
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Datasets:
-    """A run's training and test sets, as its data set (`data.name`) loaded them."""
-
-    train: ObjectImages
-    test: ObjectImages
-
-
-def load_datasets(cfg: RunConfig) -> Datasets:
-    """The run's training and test sets; the data seed, not the run seed, fixes them.
-
-    The data set is the plugin registered as `data.name` (bench/data/registry.py); what it
-    returns is checked against the contract (shapes, dtype, counts), so a broken plugin fails
-    here, naming itself, rather than somewhere in the model.
-    """
-    dataset = get_dataset(cfg.data.name)
-    if dataset.kind != "images":
-        raise ValueError(
-            f"data set {dataset.name!r} is of kind {dataset.kind!r}; this trainer trains on "
-            "single images (kind 'images')"
-        )
-    canvas, d = cfg.model.canvas, cfg.data
-    train = check_loaded(dataset, dataset.load(d, canvas, "train"), canvas, "train", d.train_counts)
-    test = check_loaded(dataset, dataset.load(d, canvas, "test"), canvas, "test", d.test_counts)
-    return Datasets(train=train, test=test)
 
 
 class Trainer:

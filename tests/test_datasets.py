@@ -21,9 +21,10 @@ from bench.data.registry import (
     register_dataset,
     unregister_dataset,
 )
+from bench.datasets import load_datasets
 from bench.grid import GridError, build_grid, load_experiment, load_profile
 from bench.preflight import DataMissing, check_data
-from bench.trainer import Trainer, load_datasets
+from bench.trainer import Trainer
 from bench.variants import discover
 from tests.conftest import needs_mnist
 

@@ -15,11 +15,11 @@ import bench.local as local
 import run_all
 from bench import perf
 from bench.config import load_config
+from bench.datasets import load_datasets
 from bench.grid import ATTEMPTS, SUBMISSION, RunGroup, load_profile
 from bench.preflight import DataMissing, cache_file, check_data, data_specs
 from bench.progress import JobBars, RateMeter, Snapshot, describe, read_snapshot
 from bench.storage import read_json_lines
-from bench.trainer import load_datasets
 from tests.conftest import TINY, needs_mnist
 from tests.test_launcher import SMOKE, _runs
 

@@ -36,12 +36,12 @@ import torch
 from bench.api import load_run
 from bench.config import ProbeConfig, RunConfig, config_hash, to_dict, to_yaml
 from bench.data.registry import get_dataset
+from bench.datasets import load_datasets
 from bench.probes import suite
 from bench.probes.features import air_latents
 from bench.probes.learners import FitSettings
 from bench.run_folder import CONFIG, METRICS, MODEL_FILE, PROGRESS, SAMPLES_FILE, read_result
 from bench.storage import atomic_write_json, atomic_write_text
-from bench.trainer import load_datasets
 from implementations.core.priors import prior_prob_at
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from bench.api import load_run
+from bench.datasets import load_datasets
 from bench.evaluate import evaluate
-from bench.trainer import load_datasets
 
 KEYS = [
     "count_accuracy", "count_accuracy_mode", "count_accuracy_in_distribution",
