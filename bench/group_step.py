@@ -110,15 +110,15 @@ class WholeStep:
         is not finite now, is left untouched)."""
         state = self.optimiser.state
         stacked = [state[self.params[n]] for n in self.names]
-        with torch.enable_grad():  # torch.func.grad needs grad mode; nothing else records
-            return self._fn(
-                {n: p.detach() for n, p in self.params.items()},
-                buffers,
-                [s["exp_avg"] for s in stacked],
-                [s["exp_avg_sq"] for s in stacked],
-                [s["step"] for s in stacked],
-                x,
-                noises,
-                prior,
-                frozen,
-            )
+        # Under no_grad: torch.func.grad ignores an outer no_grad, and nothing else records.
+        return self._fn(
+            {n: p.detach() for n, p in self.params.items()},
+            buffers,
+            [s["exp_avg"] for s in stacked],
+            [s["exp_avg_sq"] for s in stacked],
+            [s["step"] for s in stacked],
+            x,
+            noises,
+            prior,
+            frozen,
+        )
