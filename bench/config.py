@@ -97,7 +97,7 @@ class TrainConfig:
     # Seed groups: the whole step (loss, backward by torch.func, clipping, Adam) as one compiled
     # graph (bench/group_step.py; on CUDA "reduce-overhead": one CUDA graph per step where
     # inductor allows; untested, no GPU was lent). Dense image projection. Same maths, float
-    # rounding aside; on CPU no faster. Single runs ignore it.
+    # rounding aside; on CPU no faster. A single run with it trains as a seed group of one.
     compile_step: bool = False
 
 

@@ -124,7 +124,10 @@ class SeedGroup:
         for i in pending:
             by_iteration.setdefault(self.trainers[i].iteration, []).append(i)
         for members in by_iteration.values():
-            if len(members) > 1 and self._vectorisable():
+            # A lone seed trains in the group loop too with train.compile_step (its whole step
+            # is one graph there): a single run as a group of one.
+            alone_ok = len(members) > 1 or self.cfg.train.compile_step
+            if alone_ok and self._vectorisable():
                 self._train_vectorised(members)
             else:
                 for i in members:

@@ -182,9 +182,12 @@ def run_task(task: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]
         finally:
             stopper.restore()
             attempt["ended_at"] = time.time()
-            if isinstance(stopper.target, Trainer):
-                attempt["start_iteration"] = stopper.target.start_iteration
-                attempt["end_iteration"] = stopper.target.iteration
+            trained = stopper.target
+            if not isinstance(trained, Trainer):  # a group of one (train.compile_step), or None
+                trained = (getattr(trained, "trainers", None) or [None])[0]
+            if isinstance(trained, Trainer):
+                attempt["start_iteration"] = trained.start_iteration
+                attempt["end_iteration"] = trained.iteration
             append_attempt(run_dir, attempt)
 
 
@@ -248,10 +251,19 @@ def _fit(
     task: dict[str, Any], cfg: RunConfig, stopper: StopOnSignal, attempt: dict[str, Any]
 ) -> dict[str, Any]:
     """Train or resume `cfg` in `cfg.out_dir`: the trainer's record once complete, or the
-    run's interruption record (requeued jobs exit here)."""
-    trainer = Trainer(cfg)
-    stopper.target = trainer
-    result = trainer.run()
+    run's interruption record (requeued jobs exit here). With `train.compile_step` the run
+    trains as a seed group of one (bench/group_step.py: its whole step is one graph there)."""
+    if cfg.train.compile_step:
+        from bench.seedgroup import SeedGroup
+
+        group = SeedGroup([cfg])
+        trainer = group.trainers[0]
+        stopper.target = group
+        (result,) = group.run()
+    else:
+        trainer = Trainer(cfg)
+        stopper.target = trainer
+        result = trainer.run()
     if result["status"] == "partial" and stopper.interrupted:
         attempt["end"] = "interrupted"
         log.info("%s: checkpointed at iteration %d; stopped", cfg.out_dir, trainer.iteration)

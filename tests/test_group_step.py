@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from bench import group_loop
-from bench.config import config_hash
+from bench.config import config_hash, to_dict
 from bench.group_loop import GroupLoop
 from bench.group_step import WholeStep
 from bench.model_file import load_final_model
+from bench.run_folder import ATTEMPTS
 from bench.seedgroup import SeedGroup
+from bench.storage import read_json_lines
 from bench.trainer import Trainer
+from bench.worker import run_task
 from tests.conftest import needs_mnist
 
 pytestmark = needs_mnist
@@ -154,3 +157,41 @@ def test_group_with_compiled_whole_step_equals_separate_runs(tiny_config) -> Non
         theirs = load_final_model(Path(tiny_config(out=f"alone{s}").out_dir))["model"]
         for name, w in theirs.items():
             torch.testing.assert_close(mine[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _task(cfg) -> dict:  # noqa: ANN001
+    return {"experiment": "count", "variant": "air_nvil_fixed", "seed": cfg.seed,
+            "config_hash": config_hash(cfg), "run_dir": cfg.out_dir, "config": to_dict(cfg),
+            "stop_grace_s": 30}  # fmt: skip
+
+
+def test_a_single_run_with_compile_step_trains_as_a_group_of_one(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of its own (a worker task, not a group task) with train.compile_step trains in
+    the group loop as a group of one, its step the whole-step function, and ends where the
+    same run without it ends; its attempt record still has its iterations."""
+    monkeypatch.setattr(group_loop, "WholeStep", partial(_eager_whole_step))
+    loops: list[GroupLoop] = []
+    real_init = GroupLoop.__init__
+
+    def keep(self, *args):  # noqa: ANN001, ANN002, ANN202
+        real_init(self, *args)
+        loops.append(self)
+
+    monkeypatch.setattr(GroupLoop, "__init__", keep)
+    plain = tiny_config("seed=3", *SMALL, out="plain")
+    whole = tiny_config("seed=3", *SMALL, "train.compile_step=true", out="whole")
+    want = run_task(_task(plain))
+    assert loops == []  # without the switch: the single-run loop
+    got = run_task(_task(whole))
+    assert got["status"] == want["status"] == "complete"
+    assert len(loops) == 1 and loops[0].members == [0] and loops[0].whole_ran
+    for key in ("elbo", "count_accuracy", "iw_bound"):
+        assert got["final"][key] == pytest.approx(want["final"][key], rel=1e-4, abs=1e-4), key
+    mine = load_final_model(Path(whole.out_dir))["model"]
+    theirs = load_final_model(Path(plain.out_dir))["model"]
+    for name, w in theirs.items():
+        torch.testing.assert_close(mine[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    (attempt,) = read_json_lines(Path(whole.out_dir) / ATTEMPTS)
+    assert attempt["start_iteration"] == 0 and attempt["end_iteration"] == 12
