@@ -32,6 +32,7 @@ from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer
 from tests.conftest import needs_mnist
+from tests.group_checks import keep_group_loops
 from tests.test_group_update import SEEDS, _grads, _optimiser, _reference_step, _stacked
 from tests.test_seedgroup import _history
 
@@ -194,14 +195,7 @@ def test_group_on_the_device_equals_each_seeds_own_run(
         return real_evaluate(loop, js)
 
     monkeypatch.setattr(group_loop, "evaluate_seeds", vectorised_evaluation)
-    loops: list[GroupLoop] = []
-    real_init = GroupLoop.__init__
-
-    def keep(self, *args):  # noqa: ANN001, ANN002, ANN202
-        real_init(self, *args)
-        loops.append(self)
-
-    monkeypatch.setattr(GroupLoop, "__init__", keep)
+    loops = keep_group_loops(monkeypatch)
     alone = [tiny_config(f"seed={s}", device, *alone_overrides, out=f"alone{s}") for s in seeds]
     together = [tiny_config(f"seed={s}", device, *group_overrides, out=f"group{s}")
                 for s in seeds]  # fmt: skip

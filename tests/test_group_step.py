@@ -14,13 +14,13 @@ from bench import group_loop
 from bench.config import config_hash, to_dict
 from bench.group_loop import GroupLoop
 from bench.group_step import WholeStep
-from bench.model_file import load_final_model
 from bench.run_folder import ATTEMPTS
 from bench.seedgroup import SeedGroup
 from bench.storage import read_json_lines
 from bench.trainer import Trainer
 from bench.worker import run_task
 from tests.conftest import needs_mnist
+from tests.group_checks import assert_same_ends, keep_group_loops
 
 pytestmark = needs_mnist
 
@@ -148,15 +148,8 @@ def test_group_with_compiled_whole_step_equals_separate_runs(tiny_config) -> Non
         mp.setattr(group_loop, "WholeStep", spy)
         together = SeedGroup(cfgs).run()
     assert len(built) == 1 and built[0].compiled
-    for ref, got in zip(alone, together, strict=True):
-        assert got["iterations"] == ref["iterations"]
-        for key in ("elbo", "count_accuracy", "iw_bound"):
-            assert got["final"][key] == pytest.approx(ref["final"][key], rel=1e-4, abs=1e-4), key
-    for s, cfg in zip(seeds, cfgs, strict=True):
-        mine = load_final_model(Path(cfg.out_dir))["model"]
-        theirs = load_final_model(Path(tiny_config(out=f"alone{s}").out_dir))["model"]
-        for name, w in theirs.items():
-            torch.testing.assert_close(mine[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    alone_dirs = [tiny_config(out=f"alone{s}").out_dir for s in seeds]
+    assert_same_ends(alone, together, alone_dirs, [c.out_dir for c in cfgs])
 
 
 def _task(cfg) -> dict:  # noqa: ANN001
@@ -172,14 +165,7 @@ def test_a_single_run_with_compile_step_trains_as_a_group_of_one(
     the group loop as a group of one, its step the whole-step function, and ends where the
     same run without it ends; its attempt record still has its iterations."""
     monkeypatch.setattr(group_loop, "WholeStep", partial(_eager_whole_step))
-    loops: list[GroupLoop] = []
-    real_init = GroupLoop.__init__
-
-    def keep(self, *args):  # noqa: ANN001, ANN002, ANN202
-        real_init(self, *args)
-        loops.append(self)
-
-    monkeypatch.setattr(GroupLoop, "__init__", keep)
+    loops = keep_group_loops(monkeypatch)
     plain = tiny_config("seed=3", *SMALL, out="plain")
     whole = tiny_config("seed=3", *SMALL, "train.compile_step=true", out="whole")
     want = run_task(_task(plain))
@@ -187,11 +173,6 @@ def test_a_single_run_with_compile_step_trains_as_a_group_of_one(
     got = run_task(_task(whole))
     assert got["status"] == want["status"] == "complete"
     assert len(loops) == 1 and loops[0].members == [0] and loops[0].whole_ran
-    for key in ("elbo", "count_accuracy", "iw_bound"):
-        assert got["final"][key] == pytest.approx(want["final"][key], rel=1e-4, abs=1e-4), key
-    mine = load_final_model(Path(whole.out_dir))["model"]
-    theirs = load_final_model(Path(plain.out_dir))["model"]
-    for name, w in theirs.items():
-        torch.testing.assert_close(mine[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_ends([want], [got], [plain.out_dir], [whole.out_dir])
     (attempt,) = read_json_lines(Path(whole.out_dir) / ATTEMPTS)
     assert attempt["start_iteration"] == 0 and attempt["end_iteration"] == 12

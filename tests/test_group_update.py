@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from bench.config import config_hash
 from bench.group_update import SeedAdam, VectorUpdate, clip_per_seed
-from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer
 from tests.conftest import needs_mnist
+from tests.group_checks import assert_same_ends
 
 SEEDS = 3
 
@@ -127,15 +126,8 @@ def test_group_with_compiled_update_equals_separate_runs(tiny_config) -> None:
         mp.setattr(VectorUpdate, "__init__", spy)
         together = group.run()
     assert len(built) == 1 and built[0].compiled
-    for ref, got in zip(alone, together, strict=True):
-        assert got["iterations"] == ref["iterations"]
-        for key in ("elbo", "count_accuracy", "iw_bound"):
-            assert got["final"][key] == pytest.approx(ref["final"][key], rel=1e-4, abs=1e-4), key
-    for s, cfg in zip(seeds, cfgs, strict=True):
-        mine = load_final_model(Path(cfg.out_dir))["model"]
-        theirs = load_final_model(Path(tiny_config(out=f"alone{s}").out_dir))["model"]
-        for name, w in theirs.items():
-            torch.testing.assert_close(mine[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    alone_dirs = [tiny_config(out=f"alone{s}").out_dir for s in seeds]
+    assert_same_ends(alone, together, alone_dirs, [c.out_dir for c in cfgs])
 
 
 def test_compile_update_is_hashed_only_when_set(tiny_config) -> None:
