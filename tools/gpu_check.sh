@@ -215,7 +215,7 @@ step install 90 10 "
     \"\$PY\" -c 'import submitit, omegaconf, bench.launcher; print(\"submitit\", submitit.__version__, \"omegaconf\", omegaconf.__version__, \"bench from\", bench.launcher.__file__)'
 "
 
-step tests 150 45 "\"\$PY\" -m pytest -q tests/test_cuda.py -rs --durations=0 -p no:cacheprovider \
+step tests 200 45 "\"\$PY\" -m pytest -q tests/test_cuda.py -rs --durations=0 -p no:cacheprovider \
     --junitxml=\"$LOGS/test_cuda.xml\""
 if grep -qE '[0-9]+ skipped' "$LOGS/tests.log" 2>/dev/null; then
     note "NOTE: some CUDA tests were skipped: see logs/tests.log (-rs gives the reasons)"
