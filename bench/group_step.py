@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import grad, vmap
 
-from bench.group_update import VectorUpdate, clip_and_adam
+from bench.group_update import VectorUpdate, clip_and_adam, mark_static
 from bench.train_setup import device_options
 
 if TYPE_CHECKING:
@@ -78,19 +78,21 @@ class WholeStep:
                                               self.max_norm)  # fmt: skip
             return losses, logs, norms, frozen_now
 
+        # The very same tensor objects every call (views of the parameters, which they update
+        # in place; Adam's state): a CUDA graph may treat them as static addresses only then.
+        self.detached = {n: p.detach() for n, p in params.items()}
         self._fn: Any = step
         if compiled:
             device = next(iter(params.values())).device
             if device.type == "cuda":  # torch.compile takes a mode or options, not both
-                for tensor in self._state_tensors():
-                    torch._dynamo.mark_static_address(tensor)
+                mark_static(self._state_tensors())
                 self._fn = torch.compile(step, mode="reduce-overhead")
             else:
                 self._fn = torch.compile(step, options=device_options(device))
 
     def _state_tensors(self) -> list[torch.Tensor]:
         state = self.optimiser.state
-        out = [p.detach() for p in self.params.values()]
+        out = list(self.detached.values())
         for n in self.names:
             s = state[self.params[n]]
             out += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
@@ -112,7 +114,7 @@ class WholeStep:
         stacked = [state[self.params[n]] for n in self.names]
         # Under no_grad: torch.func.grad ignores an outer no_grad, and nothing else records.
         return self._fn(
-            {n: p.detach() for n, p in self.params.items()},
+            self.detached,
             buffers,
             [s["exp_avg"] for s in stacked],
             [s["exp_avg_sq"] for s in stacked],

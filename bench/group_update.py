@@ -93,6 +93,15 @@ def clip_per_seed(params: list[torch.Tensor], max_norm: float | None) -> torch.T
     return norms
 
 
+def mark_static(tensors: list[torch.Tensor]) -> None:
+    """Mark tensors that keep their address from step to step (parameters updated in place,
+    Adam's moments and step counts) as static for CUDA graphs ("reduce-overhead"): without it
+    inductor copies them into the graph's memory every replay, or skips the CUDA graph because
+    inputs are mutated. As torch's compiled optimisers do; gradients (fresh each step) are not."""
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
+
+
 def clip_and_adam(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -160,11 +169,17 @@ class VectorUpdate:
             b1, b2 = group["betas"]
             for p in group["params"]:
                 self.entries.append((p, (float(group["lr"]), float(b1), float(b2), group["eps"])))
+        # The same views of the parameters every call (they are updated in place): a CUDA graph
+        # may treat them, and Adam's state, as static addresses only then.
+        self.detached = {id(p): p.detach() for p, _ in self.entries}
         self._fn = clip_and_adam
         self.compiled = compiled
         if compiled:
             device = self.entries[0][0].device if self.entries else torch.device("cpu")
             if device.type == "cuda":  # torch.compile takes a mode or options, not both
+                state = optimiser.state
+                mark_static([*self.detached.values()] + [state[p][k] for p, _ in self.entries
+                             for k in ("exp_avg", "exp_avg_sq", "step")])  # fmt: skip
                 self._fn = torch.compile(clip_and_adam, mode="reduce-overhead")
             else:
                 self._fn = torch.compile(clip_and_adam, options=device_options(device))
@@ -178,7 +193,7 @@ class VectorUpdate:
         live = [(p, h) for p, h in self.entries if p.grad is not None]
         state = self.optimiser.state
         return self._fn(
-            [p.detach() for p, _ in live],
+            [self.detached[id(p)] for p, _ in live],
             [p.grad for p, _ in live],
             [state[p]["exp_avg"] for p, _ in live],
             [state[p]["exp_avg_sq"] for p, _ in live],

@@ -162,6 +162,29 @@ EAGER = [SMALL]
 COMPILED = [SMALL, "train.noise=counter", "train.grad_clip=1.0", "train.compile_update=true"]
 
 
+@pytest.mark.skipif(DRY_RUN, reason="dry run on the CPU: CUDA graphs exist only on CUDA")
+@needs_mnist
+@pytest.mark.parametrize("whole_step", [False, True], ids=["compiled-update", "whole-step"])
+def test_the_compiled_step_is_captured_as_a_cuda_graph(tiny_config, whole_step: bool) -> None:  # noqa: ANN001
+    """Mode "reduce-overhead" captures the compiled update (or the whole step) as a CUDA graph:
+    inductor skipped none (its parameters and Adam state are static addresses). A failure's
+    log has inductor's "skipping cudagraphs due to ..." line: the reason."""
+    from torch._dynamo.utils import counters
+
+    extra = ["train.compile_step=true"] if whole_step else []
+    cfgs = [tiny_config(f"seed={s}", f"train.device={DEVICE}", *COMPILED, "train.compile=true",
+                        *extra, "train.eval_every=100", out=f"cg{s}") for s in (0, 1)]  # fmt: skip
+    before = counters["inductor"]["cudagraph_skips"]
+    loop = GroupLoop(SeedGroup(cfgs), [0, 1])
+    for _ in range(5):
+        loop.iteration()
+    if whole_step:
+        assert loop.whole is not None and loop.whole.compiled and loop.whole_ran
+    else:
+        assert loop.update is not None and loop.update.compiled and loop.update_ran
+    assert counters["inductor"]["cudagraph_skips"] == before
+
+
 @needs_mnist
 @pytest.mark.parametrize(
     ("seeds", "group_overrides", "alone_overrides"),

@@ -14,6 +14,7 @@ from bench import group_loop
 from bench.config import config_hash, to_dict
 from bench.group_loop import GroupLoop
 from bench.group_step import WholeStep
+from bench.group_update import VectorUpdate
 from bench.run_folder import ATTEMPTS
 from bench.seedgroup import SeedGroup
 from bench.storage import read_json_lines
@@ -176,3 +177,37 @@ def test_a_single_run_with_compile_step_trains_as_a_group_of_one(
     assert_same_ends([want], [got], [plain.out_dir], [whole.out_dir])
     (attempt,) = read_json_lines(Path(whole.out_dir) / ATTEMPTS)
     assert attempt["start_iteration"] == 0 and attempt["end_iteration"] == 12
+
+
+def test_the_step_functions_see_the_same_parameter_tensors_every_call(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WholeStep and VectorUpdate hand their function the very same views of the parameters
+    (and Adam's state) at every call, which update the parameters in place: what lets a CUDA
+    graph treat them as static addresses."""
+    monkeypatch.setattr(group_loop, "WholeStep", partial(_eager_whole_step))
+    monkeypatch.setattr(group_loop, "VectorUpdate", partial(_eager_update))
+    for switch in ("train.compile_step=true", "train.compile_update=true"):
+        loop = _loop(tiny_config, switch[6:18], *SMALL, "train.eval_every=100", switch)
+        _run(loop, 2)  # the whole step is built at the second iteration
+        step = loop.whole if loop.whole is not None else loop.update
+        seen: list[list[torch.Tensor]] = []  # the objects themselves: ids could be reused
+        real = step._fn
+
+        def spy(*args, _real=real, _seen=seen):  # noqa: ANN002, ANN202
+            first = args[0]
+            tensors = list(first.values()) if isinstance(first, dict) else first
+            _seen.append([*tensors, *args[2]])
+            return _real(*args)
+
+        step._fn = spy
+        before = {n: p.detach().clone() for n, p in loop.params.items()}
+        _run(loop, 2)
+        assert len(seen) == 2 and len(seen[0]) == len(seen[1]) > 0, switch
+        assert all(a is b for a, b in zip(seen[0], seen[1], strict=True)), switch
+        moved = [n for n, p in loop.params.items() if not torch.equal(p, before[n])]
+        assert moved, switch  # the in-place updates reached the parameters
+
+
+def _eager_update(*args, compiled: bool) -> VectorUpdate:  # noqa: ANN002
+    return VectorUpdate(*args, compiled=False)
