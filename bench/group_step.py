@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import grad, vmap
 
-from bench.group_update import VectorUpdate, clip_and_adam, mark_static
+from bench.group_update import adam_entries, clip_and_adam, mark_static
 from bench.train_setup import device_options
 
 if TYPE_CHECKING:
@@ -48,17 +48,15 @@ class WholeStep:
         """`stepped`: the names of the parameters the reference step gave a gradient to."""
         template = group.loss_template(dense=True)
         functional = group.functional_loss(template)
-        self.template = template
         by_id = {id(p): name for name, p in params.items()}
-        hyper = {by_id[id(p)]: h for p, h in VectorUpdate(optimiser, None, False).entries}
+        hyper = {by_id[id(p)]: h for p, h in adam_entries(optimiser, "train.compile_step")}
         unknown = sorted(set(stepped) - hyper.keys())
         if unknown:
             raise ValueError(f"parameters {unknown} are in no optimiser group")
-        self.names = [n for n in params if n in set(stepped)]
+        moved = set(stepped)
+        self.names = [n for n in params if n in moved]
         self.hyper = [hyper[n] for n in self.names]
         self.max_norm = group.cfg.train.grad_clip
-        self.optimiser = optimiser
-        self.params = params
         self.compiled = compiled
 
         def seed_loss(p: dict, b: dict, x: torch.Tensor, noise: list, prior: Any) -> tuple:
@@ -81,22 +79,17 @@ class WholeStep:
         # The very same tensor objects every call (views of the parameters, which they update
         # in place; Adam's state): a CUDA graph may treat them as static addresses only then.
         self.detached = {n: p.detach() for n, p in params.items()}
+        state = [optimiser.state[params[n]] for n in self.names]
+        self.adam_state = {k: [s[k] for s in state] for k in ("exp_avg", "exp_avg_sq", "step")}
         self._fn: Any = step
         if compiled:
             device = next(iter(params.values())).device
             if device.type == "cuda":  # torch.compile takes a mode or options, not both
-                mark_static(self._state_tensors())
+                mark_static([*self.detached.values(),
+                             *(t for ts in self.adam_state.values() for t in ts)])  # fmt: skip
                 self._fn = torch.compile(step, mode="reduce-overhead")
             else:
                 self._fn = torch.compile(step, options=device_options(device))
-
-    def _state_tensors(self) -> list[torch.Tensor]:
-        state = self.optimiser.state
-        out = list(self.detached.values())
-        for n in self.names:
-            s = state[self.params[n]]
-            out += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
-        return out
 
     @torch.no_grad()
     def __call__(
@@ -110,15 +103,13 @@ class WholeStep:
         """One step of every seed: (S,) losses, logs {name: (S,)}, (S,) gradient norms before
         clipping, (S,) bool frozen after it (a frozen seed, or one whose loss or gradient norm
         is not finite now, is left untouched)."""
-        state = self.optimiser.state
-        stacked = [state[self.params[n]] for n in self.names]
         # Under no_grad: torch.func.grad ignores an outer no_grad, and nothing else records.
         return self._fn(
             self.detached,
             buffers,
-            [s["exp_avg"] for s in stacked],
-            [s["exp_avg_sq"] for s in stacked],
-            [s["step"] for s in stacked],
+            self.adam_state["exp_avg"],
+            self.adam_state["exp_avg_sq"],
+            self.adam_state["step"],
             x,
             noises,
             prior,

@@ -153,22 +153,32 @@ def clip_and_adam(
     return norms, frozen
 
 
+def adam_entries(
+    optimiser: Any, switch: str
+) -> list[tuple[torch.Tensor, tuple[float, float, float, float]]]:
+    """(parameter, (lr, beta1, beta2, eps)) of every parameter of `optimiser`'s groups, in
+    order: what `clip_and_adam` needs. Adam options it does not implement are an error naming
+    `switch`, the setting that asked for it."""
+    entries = []
+    for group in optimiser.param_groups:
+        if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
+            raise ValueError(
+                f"{switch} supports plain Adam only (no amsgrad, weight_decay, maximize); "
+                f"parameter group {group.get('name', '?')!r} has them"
+            )
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            entries.append((p, (float(group["lr"]), float(b1), float(b2), group["eps"])))
+    return entries
+
+
 class VectorUpdate:
     """Clipping and Adam of a seed group as one call, over `SeedAdam`'s state."""
 
     def __init__(self, optimiser: Any, max_norm: float | None, compiled: bool) -> None:
         self.optimiser = optimiser
         self.max_norm = max_norm
-        self.entries: list[tuple[torch.Tensor, tuple[float, float, float, float]]] = []
-        for group in optimiser.param_groups:
-            if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
-                raise ValueError(
-                    "train.compile_update supports plain Adam only (no amsgrad, weight_decay, "
-                    f"maximize); parameter group {group.get('name', '?')!r} has them"
-                )
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                self.entries.append((p, (float(group["lr"]), float(b1), float(b2), group["eps"])))
+        self.entries = adam_entries(optimiser, "train.compile_update")
         # The same views of the parameters every call (they are updated in place): a CUDA graph
         # may treat them, and Adam's state, as static addresses only then.
         self.detached = {id(p): p.detach() for p, _ in self.entries}
