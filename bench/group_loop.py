@@ -218,8 +218,10 @@ class GroupLoop:
     def _loss(self, x: torch.Tensor, noises: list[tuple], prior: float) -> tuple:
         """Every seed's (loss, logs): vmap of the loss, compiled with `train.compile` (as a
         single run's is; if compilation fails the group says why and stays eager)."""
-        # With compile_step, the one reference step before the whole step's graph stays eager.
-        if not self.tc.compile or self.compile_failed or self.tc.compile_step:
+        # With compile_step, the one reference step before the whole step's graph stays eager
+        # (if that graph fails to compile, the step in parts is compiled as without it).
+        before_whole = self.tc.compile_step and not self.whole_failed
+        if not self.tc.compile or self.compile_failed or before_whole:
             return self.loss_fn(self.params, self.buffers, x, noises, prior)
         # The prior as a tensor: a float would be baked into the graph (one recompile per
         # value of an annealed prior).

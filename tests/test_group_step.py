@@ -126,6 +126,31 @@ def test_a_compile_failure_falls_back_to_the_step_in_parts(
     torch.testing.assert_close(got[-1], want[-1], rtol=1e-6, atol=1e-6)
 
 
+def test_after_a_compile_failure_the_loss_is_compiled_as_without_the_switch(
+    tiny_config, monkeypatch
+) -> None:
+    """train.compile=true with compile_step: the one reference step before the whole step
+    stays eager; once the whole step has failed, the step in parts compiles its loss as it
+    does without compile_step. (torch.compile stubbed: which calls compile is the question.)"""
+    compiled: list[object] = []
+
+    def fake_compile(fn, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        compiled.append(fn)
+        return fn
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("no C++ compiler, say")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(group_loop, "WholeStep", broken)
+    loop = _loop(tiny_config, "c", *SMALL, "train.eval_every=100", "train.compile=true",
+                 "train.compile_step=true")  # fmt: skip
+    _run(loop, 1)
+    assert compiled == [] and loop.compiled is None  # the reference step: eager
+    _run(loop, 2)  # the whole step fails to build at the second; its parts run compiled
+    assert loop.whole_failed and compiled == [loop.loss_fn] and loop.compiled is loop.loss_fn
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
