@@ -182,12 +182,11 @@ def run_task(task: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]
         finally:
             stopper.restore()
             attempt["ended_at"] = time.time()
-            trained = stopper.target
-            if not isinstance(trained, Trainer):  # a group of one (train.compile_step), or None
-                trained = (getattr(trained, "trainers", None) or [None])[0]
-            if isinstance(trained, Trainer):
-                attempt["start_iteration"] = trained.start_iteration
-                attempt["end_iteration"] = trained.iteration
+            target = stopper.target  # a Trainer, a group of one (train.compile_step) or None
+            trainers = [target] if isinstance(target, Trainer) else getattr(target, "trainers", [])
+            if len(trainers) == 1:
+                attempt["start_iteration"] = trainers[0].start_iteration
+                attempt["end_iteration"] = trainers[0].iteration
             append_attempt(run_dir, attempt)
 
 
