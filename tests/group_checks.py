@@ -1,5 +1,6 @@
 """Checks shared by the seed-group tests: a group's seeds end where their separate runs end,
-and a way to keep the group loops a test's runs build."""
+a way to keep the group loops a test's runs build, and a spy on the vectorised final
+evaluation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import group_eval, group_final
 from bench.group_loop import GroupLoop
 from bench.model_file import load_final_model
 
@@ -47,3 +49,21 @@ def keep_group_loops(monkeypatch: pytest.MonkeyPatch) -> list[GroupLoop]:
 
     monkeypatch.setattr(GroupLoop, "__init__", keep)
     return loops
+
+
+def spy_vectorised_final(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Make groups evaluate vectorised on the CPU too (the GPU's rule), in chunks of 2 tiny
+    seeds (batch 48 x 2 images per pass, so 3 seeds take two chunks), and return the list each
+    vectorised final evaluation appends (number of seeds, its other arguments, its result) to."""
+    monkeypatch.setattr(GroupLoop, "vector_eval_on_cpu", True)
+    monkeypatch.setattr(group_eval, "PASS_IMAGES", 96)
+    calls: list[tuple] = []
+    real = group_final.evaluate_seeds
+
+    def spy(stacked, js, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = real(stacked, js, *args, **kwargs)
+        calls.append((len(list(js)), args, out))
+        return out
+
+    monkeypatch.setattr(group_final, "evaluate_seeds", spy)
+    return calls

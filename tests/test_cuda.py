@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import group_eval, group_final, group_loop
+from bench import group_loop
 from bench.counter_noise import CounterNoise, fmix32, hash_bits, uniforms_from_bits
 from bench.group_loop import GroupLoop
 from bench.group_update import VectorUpdate
@@ -32,7 +32,7 @@ from bench.model_file import load_final_model
 from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer
 from tests.conftest import needs_mnist
-from tests.group_checks import keep_group_loops
+from tests.group_checks import keep_group_loops, spy_vectorised_final
 from tests.test_group_update import SEEDS, _grads, _optimiser, _reference_step, _stacked
 from tests.test_seedgroup import _history
 
@@ -274,17 +274,7 @@ def test_group_final_evaluation_on_the_device_equals_each_seeds_own(
     evaluation (main and reference protocols) is the vectorised one, in chunks, and equals each
     seed's separate run's."""
     overrides = [f"train.device={DEVICE}", *overrides]
-    monkeypatch.setattr(GroupLoop, "vector_eval_on_cpu", True)  # the GPU's rule, for a dry run
-    monkeypatch.setattr(group_eval, "PASS_IMAGES", 96)  # chunks of 2 seeds: 3 seeds take two
-    calls = []
-    real = group_final.evaluate_seeds
-
-    def spy(stacked, js, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        out = real(stacked, js, *args, **kwargs)
-        calls.append((len(list(js)), args, out))
-        return out
-
-    monkeypatch.setattr(group_final, "evaluate_seeds", spy)
+    calls = spy_vectorised_final(monkeypatch)  # the GPU's rule; chunks of 2 seeds
     alone = [Trainer(tiny_config(f"seed={s}", *overrides, out=f"a{s}")).run() for s in seeds]
     cfgs = [tiny_config(f"seed={s}", *overrides, out=f"g{s}") for s in seeds]
     together = SeedGroup(cfgs).run()

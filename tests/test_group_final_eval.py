@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import group_eval, group_final
+from bench import group_eval
 from bench.config import config_hash
 from bench.group_eval import StackedSeeds, evaluate_seeds
-from bench.group_loop import GroupLoop
 from bench.run_folder import write_result
 from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer, load_checkpoint
 from tests.conftest import needs_mnist
+from tests.group_checks import spy_vectorised_final
 from tests.test_seedgroup import _close
 
 SMALL = "estimator.params.baseline_hidden=16"
@@ -91,18 +91,7 @@ def test_a_failing_pass_stops_every_seeds_evaluation(tiny_config, monkeypatch) -
 def test_group_final_evaluation_is_vectorised_and_equals_separate_runs(
     tiny_config, monkeypatch, caplog, seeds, overrides
 ) -> None:
-    monkeypatch.setattr(GroupLoop, "vector_eval_on_cpu", True)
-    # Chunks of 2 seeds (tiny: batch 48 x 2), so 3 seeds take two chunks.
-    monkeypatch.setattr(group_eval, "PASS_IMAGES", 96)
-    calls = []
-    real = group_final.evaluate_seeds
-
-    def spy(stacked, js, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        out = real(stacked, js, *args, **kwargs)
-        calls.append((len(list(js)), args, out))
-        return out
-
-    monkeypatch.setattr(group_final, "evaluate_seeds", spy)
+    calls = spy_vectorised_final(monkeypatch)  # chunks of 2 seeds: 3 seeds take two
     alone = [Trainer(tiny_config(f"seed={s}", *overrides, out=f"a{s}")).run() for s in seeds]
     cfgs = [tiny_config(f"seed={s}", *overrides, out=f"g{s}") for s in seeds]
     start = time.perf_counter()
