@@ -33,6 +33,7 @@ from bench.seedgroup import SeedGroup
 from bench.trainer import Trainer
 from tests.conftest import needs_mnist
 from tests.group_checks import keep_group_loops, spy_vectorised_final
+from tests.test_group_final_eval import FINAL_CASES
 from tests.test_group_update import SEEDS, _grads, _optimiser, _reference_step, _stacked
 from tests.test_seedgroup import _history
 
@@ -257,10 +258,7 @@ def test_group_on_the_device_equals_each_seeds_own_run(
 @needs_mnist
 @pytest.mark.parametrize(
     ("seeds", "overrides"),
-    [
-        ((0, 1, 2), [SMALL, "data.reference_protocols=[addtt]"]),
-        ((3, 4), ["model.presence=concrete", "estimator.name=reparam", "train.grad_clip=1.0"]),
-    ],
+    FINAL_CASES,
     ids=["nvil-3-seeds", "concrete-2-seeds"],
 )
 def test_group_final_evaluation_on_the_device_equals_each_seeds_own(

@@ -79,13 +79,17 @@ def test_a_failing_pass_stops_every_seeds_evaluation(tiny_config, monkeypatch) -
     assert threading.active_count() == threads
 
 
+#: (seeds, overrides) of the final-evaluation test; its CUDA twin (tests/test_cuda.py) takes them.
+FINAL_CASES = [
+    ((0, 1, 2), [SMALL, "data.reference_protocols=[addtt]"]),
+    ((3, 4), ["model.presence=concrete", "estimator.name=reparam", "train.grad_clip=1.0"]),
+]
+
+
 @needs_mnist
 @pytest.mark.parametrize(
     ("seeds", "overrides"),
-    [
-        ((0, 1, 2), [SMALL, "data.reference_protocols=[addtt]"]),
-        ((3, 4), ["model.presence=concrete", "estimator.name=reparam", "train.grad_clip=1.0"]),
-    ],
+    FINAL_CASES,
     ids=["nvil-3-seeds", "concrete-2-seeds"],
 )
 def test_group_final_evaluation_is_vectorised_and_equals_separate_runs(
